@@ -1,0 +1,150 @@
+"""`load_pretrained`: open a converted (or exported) checkpoint as `(module, params)`.
+
+A checkpoint folder holds `model_config.json` (kind, model config, storage dtype) and `params/`, an Orbax
+checkpoint of the param tree. Params are restored straight into their final dtype and, when a mesh is given,
+into their sharded layout (each device reads only its shard), so a full copy never sits on one device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+from flax import traverse_util
+
+from exo2ego_jax.convert.engine import CONFIG_FILE, FORMAT_NAME, PARAMS_DIR
+from exo2ego_jax.models import registry
+from exo2ego_jax.models.lora import is_lora_path, peft_kaiming_uniform
+
+
+def read_model_config(path: str) -> dict:
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} is missing: {path!r} is not an exo2ego_jax checkpoint (convert HF "
+                                "weights with `python -m exo2ego_jax.convert KIND --hf_dir SRC --out DST`)")
+    meta = json.load(open(config_path))
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{config_path} has format {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    return meta
+
+
+def load_pretrained(path: str, *, dtype: Optional[Any] = None, mesh: Optional[jax.sharding.Mesh] = None,
+                    rules=None, lora_seed: int = 0, **config_overrides):
+    """Return `(module, params)` for the checkpoint in `path`.
+
+    dtype: cast every param on load (e.g. jnp.float32 for training master weights); default: as stored.
+    mesh/rules: restore into the shardings that the params' logical axis names map to on `mesh`.
+    config_overrides: model config fields to change (`scan_layers`, `remat_policy`, `attention_impl`,
+    `dtype` for compute, `lora=LoRAConfig(...)`). A changed `scan_layers` re-stacks the layers; adapters
+    that the checkpoint lacks are initialised fresh (A kaiming-uniform from `lora_seed`, B = 0).
+    """
+    meta = read_model_config(path)
+    kind = meta["kind"]
+    stored_config = registry.config_from_dict(kind, meta["config"])
+    config = registry.config_from_dict(kind, meta["config"], **config_overrides)
+    module = registry.build_module(kind, config)
+    store_dtype = jnp.dtype(dtype) if dtype is not None else None
+
+    stored_module = registry.build_module(kind, dataclasses.replace(stored_config, lora=None)
+                                          if hasattr(stored_config, "lora") else stored_config)
+    stored_abstract = registry.abstract_params(kind, stored_module)
+    target_abstract = registry.abstract_params(kind, module)
+    same_layout = getattr(stored_config, "scan_layers", None) == getattr(config, "scan_layers", None)
+    shardings = _shardings(target_abstract, mesh, rules) if mesh is not None else None
+
+    stored_flat = registry.flat_shapes(stored_abstract)
+    target_flat = registry.flat_shapes(target_abstract)
+    sharding_flat = traverse_util.flatten_dict(shardings, sep="/") if shardings is not None else {}
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def restore_spec(p, s):
+        want_dtype = store_dtype or _stored_dtype(meta, s.dtype)
+        sharding = sharding_flat.get(p, default) if same_layout else default
+        return jax.ShapeDtypeStruct(s.shape, want_dtype, sharding=sharding)
+
+    abstract = traverse_util.unflatten_dict({p: restore_spec(p, s) for p, s in stored_flat.items()}, sep="/")
+    params = _load_tree(os.path.join(path, PARAMS_DIR), abstract)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    if not same_layout:
+        flat = _relayout(flat, to_scan=config.scan_layers)
+        if sharding_flat:
+            flat = {p: jax.device_put(v, sharding_flat[p]) for p, v in flat.items()}
+
+    # Fresh adapters for LoRA targets the checkpoint does not carry.
+    key = jax.random.key(lora_seed)
+    for p, s in sorted(target_flat.items()):
+        if p in flat:
+            continue
+        if not is_lora_path(p):
+            raise ValueError(f"param {p!r} is required by the requested config but missing from {path!r}")
+        key, sub = jax.random.split(key)
+        want_dtype = store_dtype or jnp.float32
+        value = (peft_kaiming_uniform(sub, s.shape[-2:], jnp.float32) if p.endswith("lora_a")
+                 else jnp.zeros(s.shape[-2:], jnp.float32))
+        value = jnp.broadcast_to(value, s.shape) if p.endswith("lora_b") else _per_layer_init(sub, s.shape)
+        flat[p] = jax.device_put(value.astype(want_dtype), sharding_flat.get(p, default))
+    extra = sorted(set(flat) - set(target_flat))
+    if extra:
+        raise ValueError(f"checkpoint {path!r} has params the requested config does not use: {extra[:5]}")
+    return module, traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _per_layer_init(key, shape):
+    """lora_a init for a possibly layer-stacked [.., in, rank] shape, independent per layer."""
+    if len(shape) == 2:
+        return peft_kaiming_uniform(key, shape)
+    keys = jax.random.split(key, shape[0])
+    return jnp.stack([peft_kaiming_uniform(k, shape[1:]) for k in keys])
+
+
+def _stored_dtype(meta: dict, fallback):
+    return jnp.dtype(meta.get("dtype", fallback))
+
+
+def _shardings(boxed_abstract, mesh, rules):
+    from exo2ego_jax.sharding import LOGICAL_AXIS_RULES
+    specs = nn.get_partition_spec(boxed_abstract)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules or LOGICAL_AXIS_RULES)
+
+
+def _load_tree(params_dir: str, abstract):
+    import orbax.checkpoint.experimental.v1 as ocp
+    if not os.path.isdir(params_dir):
+        raise FileNotFoundError(f"{params_dir} is missing: the checkpoint was not written completely")
+    load = getattr(ocp, "load", None) or ocp.load_pytree  # `load_pytree` is the older (0.12.4) name
+    return load(params_dir, abstract)
+
+
+def _relayout(flat: dict, *, to_scan: bool) -> dict:
+    """Stack `layers_{i}/...` params into `layers/...` (to_scan) or split them back."""
+    out = {}
+    if to_scan:
+        groups: dict[str, dict[int, Any]] = {}
+        for p, v in flat.items():
+            parts = p.split("/")
+            idx = next((k for k, part in enumerate(parts) if part.startswith("layers_")), None)
+            if idx is None:
+                out[p] = v
+                continue
+            layer = int(parts[idx][len("layers_"):])
+            stacked_path = "/".join(parts[:idx] + ["layers"] + parts[idx + 1:])
+            groups.setdefault(stacked_path, {})[layer] = v
+        for p, layers in groups.items():
+            out[p] = jnp.stack([layers[i] for i in range(len(layers))])
+        return out
+    for p, v in flat.items():
+        parts = p.split("/")
+        if "layers" not in parts:
+            out[p] = v
+            continue
+        idx = parts.index("layers")
+        for i in range(v.shape[0]):
+            out["/".join(parts[:idx] + [f"layers_{i}"] + parts[idx + 1:])] = v[i]
+    return out

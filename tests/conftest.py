@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random HF models saved locally (no hub access), converted once per session."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 patch_size=4, image_size=16, num_channels=3)
+TINY_MISTRAL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                    rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def torch_seed(seed: int):
+    import torch
+    torch.manual_seed(seed)
+    return torch
+
+
+def randomize_(model, seed: int, std: float = 0.1):
+    """HF inits norms to exactly 1/0; perturb every param so a swapped or untransposed weight shows."""
+    torch = torch_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return model
+
+
+def save_hf(model, path) -> str:
+    model.save_pretrained(str(path), safe_serialization=True)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def hf_clip(tmp_path_factory):
+    import transformers
+    torch_seed(0)
+    model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY_CLIP)).eval()
+    randomize_(model, 1)
+    return model, save_hf(model, tmp_path_factory.mktemp("hf_clip"))
+
+
+def make_hf_mistral(path, seed: int = 0, **overrides):
+    import transformers
+    torch_seed(seed)
+    config = transformers.MistralConfig(**{**TINY_MISTRAL, **overrides})
+    model = transformers.MistralForCausalLM(config).eval()
+    randomize_(model, seed + 1, std=0.05)
+    return model, save_hf(model, path)
+
+
+@pytest.fixture(scope="session")
+def hf_mistral(tmp_path_factory):
+    return make_hf_mistral(tmp_path_factory.mktemp("hf_mistral"))
+
+
+@pytest.fixture(scope="session")
+def hf_mistral_window(tmp_path_factory):
+    return make_hf_mistral(tmp_path_factory.mktemp("hf_mistral_sw"), seed=3, sliding_window=4)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
