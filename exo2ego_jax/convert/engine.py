@@ -57,18 +57,26 @@ class TensorRule:
     layout: Layout = IDENTITY
 
 
+@dataclasses.dataclass(frozen=True)
+class PlannedParam:
+    target: str
+    sources: list
+    layout: Layout
+    stacked: bool
+
+
 def expand_rules(rules: Iterable[TensorRule], *, num_layers: int, scan: bool):
-    """-> list of (target path, [source names], layout). Scanned targets stack all layers' sources."""
+    """-> list of PlannedParam. Scanned targets stack all layers' sources along a new leading axis."""
     plan = []
     for rule in rules:
         if "{layer}" not in rule.target:
-            plan.append((rule.target, [rule.source], rule.layout))
+            plan.append(PlannedParam(rule.target, [rule.source], rule.layout, stacked=False))
         elif scan:
-            plan.append((rule.target.format(layer="layers"),
-                         [rule.source.format(i=i) for i in range(num_layers)], rule.layout))
+            plan.append(PlannedParam(rule.target.format(layer="layers"),
+                                     [rule.source.format(i=i) for i in range(num_layers)], rule.layout, stacked=True))
         else:
-            plan.extend((rule.target.format(layer=f"layers_{i}"), [rule.source.format(i=i)], rule.layout)
-                        for i in range(num_layers))
+            plan.extend(PlannedParam(rule.target.format(layer=f"layers_{i}"), [rule.source.format(i=i)], rule.layout,
+                                     stacked=False) for i in range(num_layers))
     return plan
 
 
@@ -100,7 +108,7 @@ def convert_checkpoint(ckpt: SafetensorsCheckpoint, plan, *, prefix: str, expect
     extra_params = extra_params or {}
 
     # 1. The plan must cover the module exactly.
-    planned = {target for target, _, _ in plan} | set(extra_params)
+    planned = {item.target for item in plan} | set(extra_params)
     missing_targets = sorted(set(expected) - planned)
     unknown_targets = sorted(planned - set(expected))
     if missing_targets or unknown_targets:
@@ -109,9 +117,10 @@ def convert_checkpoint(ckpt: SafetensorsCheckpoint, plan, *, prefix: str, expect
 
     # 2. Header-only checks: every source exists with the right shape; every other tensor is known-unused.
     used = set()
-    for target, sources, layout in plan:
+    for item in plan:
+        target, sources, layout = item.target, item.sources, item.layout
         want = tuple(expected[target].shape)
-        if len(sources) > 1:
+        if item.stacked:
             want = want[1:]
             if expected[target].shape[0] != len(sources):
                 raise CheckpointError(f"param {target!r} stacks {expected[target].shape[0]} layers but the "
@@ -160,15 +169,20 @@ def convert_checkpoint(ckpt: SafetensorsCheckpoint, plan, *, prefix: str, expect
 
     try:
         bar = tqdm(plan, desc=f"convert {kind}", unit="param", disable=not show_progress)
-        for target, sources, layout in bar:
-            if len(sources) == 1 and expected[target].shape == layout.shape(ckpt.shape(prefix + sources[0])):
-                value = np.ascontiguousarray(layout.apply(ckpt.read(prefix + sources[0]))).astype(np_dtype, copy=False)
-            else:
-                value = np.empty(expected[target].shape, np_dtype)
-                for i, src in enumerate(sources):
-                    value[i] = layout.apply(ckpt.read(prefix + src))
+        for item in bar:
+            target, sources, layout = item.target, item.sources, item.layout
+            # Transpose and cast straight from the memory-mapped file into the destination: no other copy.
+            value = np.empty(expected[target].shape, np_dtype)
+            for i, src in enumerate(sources):
+                with ckpt.view(prefix + src) as source:
+                    if item.stacked:
+                        value[i] = layout.apply(source)
+                    else:
+                        value[...] = layout.apply(source)
+                    del source  # unmap before the next tensor
             buffer[target] = value
             buffer_bytes += value.nbytes
+            value = None  # drop our reference now: Orbax's write copy + the next tensor must not overlap three
             if buffer_bytes >= limit:
                 flush()
         for target, value in extra_params.items():

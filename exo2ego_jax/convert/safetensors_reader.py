@@ -6,6 +6,7 @@ own, so host memory holds one tensor at a time, and bfloat16 works without torch
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -74,6 +75,16 @@ class SafetensorsCheckpoint:
 
     def read(self, key: str) -> np.ndarray:
         """Copy one tensor into memory (other tensors are never touched)."""
+        with self.view(key) as arr:
+            return np.array(arr)
+
+    @contextlib.contextmanager
+    def view(self, key: str):
+        """A read-only memory-mapped array of one tensor, valid inside the `with` block.
+
+        Lets the caller transpose/cast straight into its destination (e.g. one slice of a stacked array)
+        without an intermediate copy.
+        """
         path, data_start, info = self._info(key)
         dtype = np.dtype(_DTYPES[info["dtype"]])
         begin, end = info["data_offsets"]
@@ -81,10 +92,11 @@ class SafetensorsCheckpoint:
         if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
             raise CheckpointError(f"tensor {key!r} in {path}: byte range does not match shape {shape}")
         if end == begin:
-            return np.zeros(shape, dtype)
+            yield np.zeros(shape, dtype)
+            return
         mm = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start + begin, shape=(end - begin,))
         try:
-            return np.array(mm.view(dtype).reshape(shape))
+            yield mm.view(dtype).reshape(shape)
         finally:
             del mm
 
