@@ -14,6 +14,9 @@ from exo2ego_jax.convert.safetensors_reader import CheckpointError, SafetensorsC
 __all__ = ["convert_clip", "convert_mistral", "CheckpointError", "CONFIG_FILE", "PARAMS_DIR", "CONVERTERS"]
 
 
+MISTRAL_MODEL_TYPES = ("mistral", "videollama2_mistral")
+
+
 def read_hf_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isdir(hf_dir):
@@ -43,7 +46,10 @@ def convert_clip(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", scan_lay
     from exo2ego_jax.models.registry import abstract_params, build_module, flat_shapes
     hf = read_hf_config(hf_dir)
     ckpt = SafetensorsCheckpoint(hf_dir)
-    config = clip_config_from_hf(hf, select_layer=select_layer, scan_layers=scan_layers)
+    try:
+        config = clip_config_from_hf(hf, select_layer=select_layer, scan_layers=scan_layers)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"config.json in {hf_dir!r} cannot be used: {e}") from e
     prefix = detect_prefix(ckpt, _clip.ANCHOR, _clip.PREFIXES)
     plan = expand_rules(_clip.clip_rules(), num_layers=config.num_built_layers, scan=scan_layers)
     expected = flat_shapes(abstract_params("clip", build_module("clip", config)))
@@ -59,10 +65,15 @@ def convert_mistral(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", scan_
     from exo2ego_jax.models.mistral import MistralConfig
     from exo2ego_jax.models.registry import abstract_params, build_module, flat_shapes
     hf = read_hf_config(hf_dir)
-    if "num_key_value_heads" not in hf and "num_attention_heads" not in hf:
-        raise CheckpointError("config.json is not a Mistral config: no `num_attention_heads`")
+    model_type = hf.get("model_type", "mistral")
+    if model_type not in MISTRAL_MODEL_TYPES or "num_attention_heads" not in hf:
+        raise CheckpointError(f"config.json is not a Mistral config (model_type {model_type!r}; expected one of "
+                              f"{list(MISTRAL_MODEL_TYPES)})")
     ckpt = SafetensorsCheckpoint(hf_dir)
-    config = MistralConfig.from_hf(hf, scan_layers=scan_layers)
+    try:
+        config = MistralConfig.from_hf(hf, scan_layers=scan_layers)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"config.json in {hf_dir!r} cannot be used: {e}") from e
     prefix = detect_prefix(ckpt, _mistral.ANCHOR, _mistral.PREFIXES)
     plan = expand_rules(_mistral.mistral_rules(), num_layers=config.num_layers, scan=scan_layers)
     expected = flat_shapes(abstract_params("mistral", build_module("mistral", config)))

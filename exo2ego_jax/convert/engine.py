@@ -7,6 +7,7 @@ with partial saves, so host memory stays near one (stacked) tensor plus a bounde
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
@@ -166,6 +167,7 @@ def convert_checkpoint(ckpt: SafetensorsCheckpoint, plan, *, prefix: str, expect
         if buffer:
             ocp.partial.save(params_dir, traverse_util.unflatten_dict(buffer, sep="/"))
             buffer, buffer_bytes = {}, 0
+            _release_freed_memory()
 
     try:
         bar = tqdm(plan, desc=f"convert {kind}", unit="param", disable=not show_progress)
@@ -208,6 +210,14 @@ def convert_checkpoint(ckpt: SafetensorsCheckpoint, plan, *, prefix: str, expect
         json.dump(summary, f, indent=2, default=str)
     log.info("converted %d tensors (%d skipped as unused) into %s", len(used), len(skipped), out_dir)
     return summary
+
+
+def _release_freed_memory():
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so the peak stays one tensor."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _bf16():
