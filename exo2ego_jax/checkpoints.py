@@ -109,9 +109,8 @@ def _stored_dtype(meta: dict, fallback):
 
 
 def _shardings(boxed_abstract, mesh, rules):
-    from exo2ego_jax.sharding import LOGICAL_AXIS_RULES
-    specs = nn.get_partition_spec(boxed_abstract)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules or LOGICAL_AXIS_RULES)
+    from exo2ego_jax.sharding import LOGICAL_AXIS_RULES, logical_shardings
+    return logical_shardings(boxed_abstract, mesh, rules or LOGICAL_AXIS_RULES)
 
 
 def _load_tree(params_dir: str, abstract):

@@ -54,3 +54,32 @@ def create_mesh(requested: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(requested, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_shardings(boxed_abstract, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """NamedShardings for a boxed (abstract) param tree from its logical axis names.
+
+    A dimension that its mesh axes do not divide (a tiny test vocab of 97 on a 2-way tensor axis) is
+    replicated instead, with a log line, rather than failing deep inside `device_put`.
+    """
+    import logging
+
+    import flax.linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_abstract), rules)
+    values = nn.meta.unbox(boxed_abstract)
+
+    def fit(spec, value):
+        parts = list(spec) + [None] * (len(value.shape) - len(spec))
+        for dim, axes in enumerate(parts):
+            if axes is None:
+                continue
+            size = int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
+            if value.shape[dim] % size:
+                logging.getLogger(__name__).info("replicating dim %d of a %s param: %d is not divisible by %s=%d",
+                                                 dim, value.shape, value.shape[dim], axes, size)
+                parts[dim] = None
+        return NamedSharding(mesh, PartitionSpec(*parts))
+
+    return jax.tree.map(fit, specs, values, is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -128,3 +128,27 @@ def test_scan_and_remat_give_same_logits_and_grads(converted):
     for value, g in results[1:]:
         assert abs(value - results[0][0]) < 1e-6
         np.testing.assert_allclose(g, results[0][1], atol=1e-6)
+
+
+def test_cudnn_path_masking_semantics_match_hf(hf_mistral_window, tmp_path, monkeypatch):
+    """The cuDNN path expresses masking as causal + right-padding lengths + window. jax's XLA implementation
+    takes the same arguments, so run those exact arguments on CPU and compare with HF."""
+    import jax.nn
+    from exo2ego_jax.models import layers
+    real = jax.nn.dot_product_attention
+    calls = []
+
+    def on_cpu(*args, implementation=None, **kwargs):
+        calls.append((implementation, kwargs.get("key_value_seq_lengths") is not None))
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(layers.jax.nn, "dot_product_attention", on_cpu)
+    model, hf_dir = hf_mistral_window
+    convert_mistral(hf_dir, str(tmp_path / "ckpt"), dtype="float32", show_progress=False)
+    module, params = exo2ego_jax.load_pretrained(str(tmp_path / "ckpt"), attention_impl="cudnn")
+    ids, mask = right_padded_batch(97, [12, 7], 12, seed=8)
+    calls.clear()
+    ours = np.asarray(module.apply({"params": params}, ids, attention_mask=mask))
+    ref = hf_logits(model, ids, mask)
+    assert calls and all(c == ("cudnn", True) for c in calls)
+    assert np.abs(ours - ref)[mask.astype(bool)].max() <= 1e-4

@@ -1,0 +1,1 @@
+"""Benchmark helpers: timing of jitted steps, FLOP accounting, peak memory, table printing."""

@@ -1,0 +1,57 @@
+"""Logical axis names -> ('data', 'fsdp', 'tensor') mesh: sharded loading gives the unsharded result."""
+import numpy as np
+import pytest
+import jax
+import flax.linen as nn
+
+import exo2ego_jax
+from exo2ego_jax.convert import convert_mistral
+from exo2ego_jax.models.lora import LoRAConfig
+from exo2ego_jax.sharding import LOGICAL_AXIS_RULES, create_mesh, mesh_shape
+
+
+def test_mesh_shape_fill_and_errors():
+    assert mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
+    assert mesh_shape((2, 2, 2), 8) == (2, 2, 2)
+    with pytest.raises(ValueError, match=r"uses 12 devices but 8 are available"):
+        mesh_shape((3, 4, 1), 8)
+    with pytest.raises(ValueError, match="cannot fill 8 devices"):
+        mesh_shape((-1, 3, 1), 8)
+    with pytest.raises(ValueError, match="at most one -1"):
+        mesh_shape((-1, -1, 1), 8)
+
+
+def test_every_param_has_logical_names(hf_mistral, tmp_path):
+    from exo2ego_jax.models import registry
+    from exo2ego_jax.models.clip import CLIPVisionConfig
+    from exo2ego_jax.models.mistral import MistralConfig
+    for kind, cfg in (("clip", CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                                 patch_size=4, image_size=8, scan_layers=True)),
+                      ("mistral", MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2,
+                                                num_heads=4, num_kv_heads=2, head_dim=8,
+                                                lora=LoRAConfig(rank=2, alpha=4)))):
+        boxed = registry.abstract_params(kind, registry.build_module(kind, cfg))
+        leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves), kind
+        names = {n for x in leaves for n in x.names if n is not None}
+        known = {rule for rule, _ in LOGICAL_AXIS_RULES}
+        assert names <= known, names - known
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_sharded_load_gives_unsharded_logits(hf_mistral, tmp_path, shape):
+    convert_mistral(hf_mistral[1], str(tmp_path / "ckpt"), dtype="float32", show_progress=False)
+    ids = np.random.default_rng(0).integers(3, 97, size=(8, 6))
+    module, params = exo2ego_jax.load_pretrained(str(tmp_path / "ckpt"))
+    ref = np.asarray(module.apply({"params": params}, ids))
+
+    mesh = create_mesh(shape)
+    module, sharded = exo2ego_jax.load_pretrained(str(tmp_path / "ckpt"), mesh=mesh)
+    gate = sharded["decoder"]["layers"]["mlp"]["gate_proj"]["kernel"]  # ('layers', 'embed', 'mlp')
+    assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    n_layers, embed, mlp = gate.shape
+    assert gate.addressable_shards[0].data.shape == (n_layers, embed // shape[1], mlp // shape[2])
+    data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda p, i: module.apply({"params": p}, i))(sharded, jax.device_put(ids, data))
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
