@@ -6,7 +6,6 @@ into their sharded layout (each device reads only its shard), so a full copy nev
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any, Optional
@@ -52,15 +51,14 @@ def load_pretrained(path: str, *, dtype: Optional[Any] = None, mesh: Optional[ja
     module = registry.build_module(kind, config)
     store_dtype = jnp.dtype(dtype) if dtype is not None else None
 
-    stored_module = registry.build_module(kind, dataclasses.replace(stored_config, lora=None)
-                                          if hasattr(stored_config, "lora") else stored_config)
-    stored_abstract = registry.abstract_params(kind, stored_module)
+    stored_abstract = registry.abstract_params(kind, registry.build_module(kind, stored_config))
     target_abstract = registry.abstract_params(kind, module)
-    same_layout = getattr(stored_config, "scan_layers", None) == getattr(config, "scan_layers", None)
     shardings = _shardings(target_abstract, mesh, rules) if mesh is not None else None
 
     stored_flat = registry.flat_shapes(stored_abstract)
     target_flat = registry.flat_shapes(target_abstract)
+    # Layer stacking (scan) differs when the non-adapter param paths differ.
+    same_layout = ({p for p in stored_flat if not is_lora_path(p)} == {p for p in target_flat if not is_lora_path(p)})
     sharding_flat = traverse_util.flatten_dict(shardings, sep="/") if shardings is not None else {}
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 

@@ -19,13 +19,21 @@ class ModelSpec:
     config_cls: type
     module_cls: type
     example_inputs: Callable[[Any], tuple]  # config -> positional args of module.init
+    init_method: Any = None                 # method that touches every param (default: __call__)
+    from_dict: Any = None                   # config dict -> config (default: config_cls(**d))
 
 
-MODEL_KINDS: dict[str, ModelSpec] = {
+MODEL_KINDS: dict[str, ModelSpec] = {  # "exo2ego" registers itself on first use (import order)
     "clip": ModelSpec(CLIPVisionConfig, CLIPVisionEncoder,
                       lambda c: (jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32),)),
     "mistral": ModelSpec(MistralConfig, MistralForCausalLM, lambda c: (jnp.zeros((1, 1), jnp.int32),)),
 }
+
+
+def _exo2ego_spec() -> ModelSpec:
+    from exo2ego_jax.models.exo2ego import Exo2Ego, Exo2EgoConfig, example_inputs
+    return ModelSpec(Exo2EgoConfig, Exo2Ego, example_inputs, init_method="init_all",
+                     from_dict=Exo2EgoConfig.from_dict)
 
 
 def register(kind: str, spec: ModelSpec) -> None:
@@ -33,6 +41,8 @@ def register(kind: str, spec: ModelSpec) -> None:
 
 
 def spec_for(kind: str) -> ModelSpec:
+    if kind == "exo2ego" and kind not in MODEL_KINDS:
+        MODEL_KINDS[kind] = _exo2ego_spec()
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; known kinds: {sorted(MODEL_KINDS)}")
     return MODEL_KINDS[kind]
@@ -40,7 +50,10 @@ def spec_for(kind: str) -> ModelSpec:
 
 def config_from_dict(kind: str, values: dict, **overrides):
     """Rebuild a config dataclass from its `to_dict()` form (as stored in model_config.json)."""
-    cls = spec_for(kind).config_cls
+    spec = spec_for(kind)
+    if spec.from_dict is not None:
+        return spec.from_dict(values, **overrides)
+    cls = spec.config_cls
     values = {**values, **overrides}
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
@@ -59,7 +72,8 @@ def build_module(kind: str, config) -> nn.Module:
 def abstract_params(kind: str, module: nn.Module) -> dict:
     """Boxed abstract params (ShapeDtypeStruct leaves inside LogicallyPartitioned), computed without FLOPs."""
     spec = spec_for(kind)
-    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *spec.example_inputs(module.config)))
+    kwargs = {"method": spec.init_method} if spec.init_method else {}
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *spec.example_inputs(module.config), **kwargs))
     return variables["params"]
 
 

@@ -1,0 +1,63 @@
+"""Exo2Ego's losses: VTG (next-token cross-entropy), cycle consistency (L1) and KL between feature spaces."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from exo2ego_jax.models.layers import check_choice
+
+KL_DIRECTIONS = ("exo_to_mapped", "mapped_to_exo")  # KL(y || F(x)) [the paper's], or KL(F(x) || y)
+KL_REDUCTIONS = ("batchmean", "mean")
+CYCLES = ("both", "forward", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    vtg_weight: float = 1.0
+    cycle_weight: float = 1.0
+    kl_weight: float = 1.0
+    cycle: str = "both"           # "forward": only |G(F(x)) - x|; "none": w/o G and CCL
+    use_kl: bool = True
+    kl_temperature: float = 1.0
+    kl_direction: str = "exo_to_mapped"
+    kl_reduction: str = "batchmean"   # sum over channels, mean over patch tokens (x tau^2)
+    detach_cycle_targets: bool = True  # |G(F(x)) - sg(x)|: the encoder cannot shrink x to win the cycle term
+
+    def __post_init__(self):
+        check_choice("loss.cycle", self.cycle, CYCLES)
+        check_choice("loss.kl_direction", self.kl_direction, KL_DIRECTIONS)
+        check_choice("loss.kl_reduction", self.kl_reduction, KL_REDUCTIONS)
+        if self.kl_temperature <= 0:
+            raise ValueError(f"loss.kl_temperature must be > 0, got {self.kl_temperature}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def vtg_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = -100):
+    """Shifted next-token cross-entropy, mean over non-ignored targets. Returns (loss, number of targets)."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = labels[:, 1:]
+    valid = targets != ignore_index
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
+    count = valid.sum()
+    return jnp.sum(ce * valid) / jnp.maximum(count, 1), count
+
+
+def l1(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+
+
+def feature_kl(y: jax.Array, fx: jax.Array, *, temperature: float = 1.0, direction: str = "exo_to_mapped",
+               reduction: str = "batchmean") -> jax.Array:
+    """KL between softmax(./tau) over channels of each patch token of y (real exo) and F(x), times tau^2."""
+    log_p = jax.nn.log_softmax(y.astype(jnp.float32) / temperature, axis=-1)
+    log_q = jax.nn.log_softmax(fx.astype(jnp.float32) / temperature, axis=-1)
+    if direction == "mapped_to_exo":
+        log_p, log_q = log_q, log_p
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # per token
+    value = jnp.mean(kl) if reduction == "batchmean" else jnp.mean(kl) / y.shape[-1]
+    return value * temperature ** 2

@@ -1,0 +1,155 @@
+"""VideoLLaMA2's STC connector (`stc_connector`) in Flax, channels-last.
+
+RegStage(4 bottlenecks, encoder width -> LLM width) per frame, a Conv3d (kernel = stride = 2, padding 1) + SiLU
+over (time, height, width), a second RegStage, then a Linear-GELU-Linear readout. Numerics follow timm 1.0.3's
+`RegStage` / `Bottleneck` built with `act_layer=SiLU, norm_layer=LayerNorm2d` (whose norm-act variant,
+`LayerNormAct2d`, uses eps 1e-5) exactly as VideoLLaMA2 builds them. Param names mirror the PyTorch module
+tree (`s1/b1/conv1/conv`, `.../bn`, `sampler`, `readout_0`), so the converter is a plain renaming.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from exo2ego_jax.models.layers import check_choice
+
+STC_VARIANTS = {"stc": 1, "stc_v35": 0}  # variant -> Conv3d padding
+
+
+@dataclasses.dataclass(frozen=True)
+class STCConfig:
+    encoder_hidden_size: int = 1024
+    hidden_size: int = 4096
+    depth: int = 4
+    downsample: tuple[int, int, int] = (2, 2, 2)
+    variant: str = "stc"   # "stc": padding 1 (1521 tokens for 16x24x24); "stc_v35": padding 0 (1152)
+    se_ratio: float = 0.25
+    norm_eps: float = 1e-5
+    dtype: Any = "float32"
+    param_dtype: Any = "float32"
+
+    def __post_init__(self):
+        check_choice("stc.variant", self.variant, STC_VARIANTS)
+        object.__setattr__(self, "downsample", tuple(self.downsample))
+
+    @property
+    def padding(self) -> int:
+        return STC_VARIANTS[self.variant]
+
+    def num_tokens(self, frames: int, grid: int) -> int:
+        t, h, w = (_conv_out(n, k, self.padding) for n, k in zip((frames, grid, grid), self.downsample))
+        return t * h * w
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _conv_out(n: int, k: int, pad: int) -> int:
+    return (n + 2 * pad - k) // k + 1
+
+
+def _conv(cfg, features, kernel, name, groups=1, use_bias=False, axes=(None, None, None, "channels")):
+    return nn.Conv(features, kernel, padding="SAME" if kernel[0] > 1 else "VALID", feature_group_count=groups,
+                   use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+
+
+class ConvNormAct(nn.Module):
+    """timm ConvNormAct: conv (no bias) -> LayerNorm over channels (named `bn`) -> optional SiLU."""
+    config: STCConfig
+    features: int
+    kernel: int = 1
+    groups: int = 1
+    apply_act: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        axes = (None, None, None, "channels") if self.groups == 1 else (None, None, None, "channels")
+        x = _conv(cfg, self.features, (self.kernel, self.kernel), "conv", self.groups, axes=axes)(x)
+        x = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="bn",
+                         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("channels",)),
+                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("channels",)))(x)
+        return nn.silu(x) if self.apply_act else x
+
+
+class SqueezeExcite(nn.Module):
+    config: STCConfig
+    rd_channels: int
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = nn.silu(_conv(cfg, self.rd_channels, (1, 1), "fc1", use_bias=True)(s))
+        s = _conv(cfg, x.shape[-1], (1, 1), "fc2", use_bias=True)(s)
+        return x * jax.nn.sigmoid(s)
+
+
+class Bottleneck(nn.Module):
+    """timm regnet Bottleneck with bottle_ratio 1, group size 1 (depthwise 3x3), SE on the input width."""
+    config: STCConfig
+    out_channels: int
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        in_channels = x.shape[-1]
+        shortcut = x
+        x = ConvNormAct(cfg, self.out_channels, 1, name="conv1")(x)
+        x = ConvNormAct(cfg, self.out_channels, 3, groups=self.out_channels, name="conv2")(x)
+        x = SqueezeExcite(cfg, int(round(in_channels * cfg.se_ratio)), name="se")(x)
+        x = ConvNormAct(cfg, self.out_channels, 1, apply_act=False, name="conv3")(x)
+        if in_channels != self.out_channels:
+            shortcut = ConvNormAct(cfg, self.out_channels, 1, apply_act=False, name="downsample")(shortcut)
+        return nn.silu(x + shortcut)
+
+
+class RegStage(nn.Module):
+    config: STCConfig
+    out_channels: int
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.config.depth):
+            x = Bottleneck(self.config, self.out_channels, name=f"b{i + 1}")(x)
+        return x
+
+
+class STCConnector(nn.Module):
+    """CLIP patch features [B, T, P, C] (P = h*w) -> LLM-space tokens [B, T'*h'*w', D] in (t, h, w) order."""
+    config: STCConfig
+
+    @nn.compact
+    def __call__(self, features: jax.Array) -> jax.Array:
+        cfg = self.config
+        b, t, p, c = features.shape
+        hw = int(round(p ** 0.5))
+        if hw * hw != p or c != cfg.encoder_hidden_size:
+            raise ValueError(f"STC expects features [B, T, h*w, {cfg.encoder_hidden_size}] on a square grid; "
+                             f"got {tuple(features.shape)}")
+        x = features.astype(cfg.dtype).reshape(b * t, hw, hw, c)
+        x = RegStage(cfg, cfg.hidden_size, name="s1")(x)
+        x = x.reshape(b, t, hw, hw, cfg.hidden_size)
+        pad = cfg.padding
+        x = nn.Conv(cfg.hidden_size, cfg.downsample, strides=cfg.downsample, padding=[(pad, pad)] * 3,
+                    use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="sampler",
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                             (None, None, None, None, "channels")),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("channels",)))(x)
+        x = nn.silu(x)
+        _, nt, nh, nw, d = x.shape
+        x = RegStage(cfg, cfg.hidden_size, name="s2")(x.reshape(b * nt, nh, nw, d))
+        x = x.reshape(b, nt * nh * nw, d)
+        dense = lambda name: nn.Dense(cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                                      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                                               ("embed", "mlp")),
+                                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))
+        x = dense("readout_0")(x)
+        x = jax.nn.gelu(x, approximate=False)
+        return dense("readout_2")(x)
