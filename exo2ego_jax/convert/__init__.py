@@ -11,7 +11,7 @@ from exo2ego_jax.convert.engine import (CONFIG_FILE, PARAMS_DIR, convert_checkpo
                                         expand_rules)
 from exo2ego_jax.convert.safetensors_reader import CheckpointError, SafetensorsCheckpoint
 
-__all__ = ["convert_clip", "convert_mistral", "CheckpointError", "CONFIG_FILE", "PARAMS_DIR", "CONVERTERS"]
+__all__ = ["convert_clip", "convert_mistral", "convert_videollama2", "CheckpointError", "CONFIG_FILE", "PARAMS_DIR", "CONVERTERS"]
 
 
 MISTRAL_MODEL_TYPES = ("mistral", "videollama2_mistral")
@@ -82,4 +82,10 @@ def convert_mistral(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", scan_
                               buffer_mb=buffer_mb, show_progress=show_progress)
 
 
-CONVERTERS = {"clip": convert_clip, "mistral": convert_mistral}
+def convert_videollama2(*args, **kwargs) -> dict:
+    """See `exo2ego_jax.convert.videollama2.convert_videollama2`."""
+    from exo2ego_jax.convert.videollama2 import convert_videollama2 as _convert
+    return _convert(*args, **kwargs)
+
+
+CONVERTERS = {"clip": convert_clip, "mistral": convert_mistral, "videollama2": convert_videollama2}

@@ -1,4 +1,4 @@
-"""CLI: python -m exo2ego_jax.convert {clip,mistral} --hf_dir SRC --out DST [--dtype bfloat16|float32]."""
+"""CLI: python -m exo2ego_jax.convert {clip,mistral,videollama2} --hf_dir SRC --out DST [--dtype bfloat16|float32]."""
 from __future__ import annotations
 
 import argparse
@@ -24,11 +24,24 @@ def main(argv=None) -> int:
                         help="store one param set per layer (layers_0 ...) instead of stacked for nn.scan")
     parser.add_argument("--buffer_mb", type=float, default=1024.0,
                         help="host memory for batching writes; peak RAM is about this plus one stacked tensor")
+    parser.add_argument("--mm_projector", default=None,
+                        help="videollama2: a separate mm_projector file (.safetensors, or a torch .bin read weights-only)")
+    parser.add_argument("--clip_dir", default=None,
+                        help="videollama2: a CLIP checkpoint folder, when the VideoLLaMA2 folder has no tower")
+    parser.add_argument("--mapper_width", type=int, default=256, help="videollama2: width (ngf) of the fresh F and G")
+    parser.add_argument("--mapper_blocks", type=int, default=9, help="videollama2: residual blocks of F and G")
+    parser.add_argument("--seed", type=int, default=0, help="videollama2: seed of the fresh F/G init")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        extra = {}
+        if args.kind == "videollama2":
+            extra = dict(mm_projector=args.mm_projector, clip_dir=args.clip_dir, mapper_width=args.mapper_width,
+                         mapper_blocks=args.mapper_blocks, seed=args.seed)
+        elif args.mm_projector or args.clip_dir:
+            parser.error("--mm_projector and --clip_dir apply to the videollama2 kind only")
         summary = CONVERTERS[args.kind](args.hf_dir, args.out, dtype=args.dtype, scan_layers=args.scan_layers,
-                                        buffer_mb=args.buffer_mb)
+                                        buffer_mb=args.buffer_mb, **extra)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

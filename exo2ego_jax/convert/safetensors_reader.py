@@ -30,11 +30,15 @@ class SafetensorsCheckpoint:
     """All tensors of a HF checkpoint folder, read lazily by name."""
 
     def __init__(self, hf_dir: str):
-        if not os.path.isdir(hf_dir):
+        """`hf_dir`: a folder (one file, or shards with an index), or the path of one .safetensors file."""
+        single = hf_dir.endswith(".safetensors") and os.path.isfile(hf_dir)
+        if not single and not os.path.isdir(hf_dir):
             raise CheckpointError(f"--hf_dir {hf_dir!r} is not a directory")
-        self.hf_dir = hf_dir
+        self.hf_dir = os.path.dirname(hf_dir) if single else hf_dir
         index_path = os.path.join(hf_dir, INDEX_FILE)
-        if os.path.exists(index_path):
+        if single:
+            files, weight_map, hf_dir = [os.path.basename(hf_dir)], None, self.hf_dir
+        elif os.path.exists(index_path):
             try:
                 weight_map = json.load(open(index_path))["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:

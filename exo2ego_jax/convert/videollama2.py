@@ -1,0 +1,172 @@
+"""VideoLLaMA2 checkpoint -> Exo2Ego composite checkpoint.
+
+Both encoders start from the checkpoint's CLIP tower (`model.vision_tower.vision_tower.vision_model.`), the
+connector from `model.mm_projector.` (or a separate `mm_projector` file, as Base checkpoints ship it), the LLM
+from the Mistral keys; F and G get a seeded fresh init. A tower missing from the checkpoint (Base releases
+keep only the projector) can come from a separate CLIP folder (`--clip_dir`).
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+import numpy as np
+
+from exo2ego_jax.convert import clip as _clip
+from exo2ego_jax.convert import mistral as _mistral
+from exo2ego_jax.convert.engine import TensorRule, convert_checkpoint, detect_prefix, expand_rules
+from exo2ego_jax.convert.safetensors_reader import CheckpointError, SafetensorsCheckpoint
+from exo2ego_jax.convert.stc import params_from_state_dict, stc_rules
+
+PROJECTOR_TYPES = {"stc_connector": "stc", "stc_connector_v35": "stc_v35"}
+TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
+PROJECTOR_PREFIX = "model.mm_projector."
+
+
+class MultiCheckpoint:
+    """Several safetensors folders seen as one, the second and later ones under a `name::` namespace."""
+
+    def __init__(self, primary: SafetensorsCheckpoint, **others: SafetensorsCheckpoint):
+        self.hf_dir = primary.hf_dir
+        self._parts = {"": primary, **{f"{k}::": v for k, v in others.items()}}
+
+    def _split(self, key):
+        for ns, ckpt in self._parts.items():
+            if ns and key.startswith(ns):
+                return ckpt, key[len(ns):]
+        return self._parts[""], key
+
+    def keys(self):
+        return sorted(ns + k for ns, c in self._parts.items() for k in c.keys())
+
+    def __contains__(self, key):
+        ckpt, k = self._split(key)
+        return k in ckpt
+
+    def shape(self, key):
+        ckpt, k = self._split(key)
+        return ckpt.shape(k)
+
+    def view(self, key):
+        ckpt, k = self._split(key)
+        return ckpt.view(k)
+
+
+def _prefixed(rules, target_prefix: str, source_prefix: str):
+    return [TensorRule(target_prefix + r.target, source_prefix + r.source, r.layout) for r in rules]
+
+
+def exo2ego_config_from_hf(hf: dict, *, mapper_width: int = 256, mapper_blocks: int = 9, scan_layers: bool = True,
+                           fusion: str = "tokens"):
+    from exo2ego_jax.convert import clip_config_from_hf
+    from exo2ego_jax.models.clip import CLIPVisionConfig
+    from exo2ego_jax.models.exo2ego import Exo2EgoConfig
+    from exo2ego_jax.models.mapper import MapperConfig
+    from exo2ego_jax.models.mistral import MistralConfig
+    from exo2ego_jax.models.stc import STCConfig
+
+    projector = hf.get("mm_projector_type", "stc_connector")
+    if projector not in PROJECTOR_TYPES:
+        raise CheckpointError(f"mm_projector_type {projector!r} is not supported; known: {sorted(PROJECTOR_TYPES)}")
+    select = hf.get("mm_vision_select_layer", -2)
+    if "vision_config" in hf:  # the tower's own config, when the checkpoint carries one (tests, custom towers)
+        clip = CLIPVisionConfig.from_hf(hf["vision_config"], select_layer=select, scan_layers=scan_layers)
+    else:  # VideoLLaMA2 releases: openai/clip-vit-large-patch14-336
+        clip = CLIPVisionConfig(select_layer=select, scan_layers=scan_layers)
+    if hf.get("mm_hidden_size", clip.hidden_size) != clip.hidden_size:
+        raise CheckpointError(f"mm_hidden_size {hf['mm_hidden_size']} does not match the CLIP width {clip.hidden_size}")
+    llm = MistralConfig.from_hf(hf, scan_layers=scan_layers)
+    stc = STCConfig(encoder_hidden_size=clip.hidden_size, hidden_size=llm.hidden_size,
+                    variant=PROJECTOR_TYPES[projector])
+    mapper = MapperConfig(channels=clip.hidden_size, width=mapper_width, num_blocks=mapper_blocks)
+    return Exo2EgoConfig(clip=clip, llm=llm, stc=stc, mapper=mapper, num_frames=hf.get("num_frames", 16),
+                         fusion=fusion)
+
+
+def read_projector_file(path: str) -> dict:
+    """`mm_projector` weights from safetensors, or a torch file loaded with weights_only=True (no pickled code)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"--mm_projector {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        ckpt = SafetensorsCheckpoint(path)
+        state = {k: ckpt.read(k) for k in ckpt.keys()}
+    else:
+        import torch
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"--mm_projector {path!r} could not be read as a weights-only torch file ({e})") from e
+        state = {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in raw.items()}
+    out = {}
+    for k, v in state.items():
+        if "mm_projector." not in k:
+            raise CheckpointError(f"tensor {k!r} in {path!r} is not an mm_projector weight")
+        out[k.split("mm_projector.", 1)[1]] = np.asarray(v)
+    return out
+
+
+def convert_videollama2(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", scan_layers: bool = True,
+                        mm_projector: Optional[str] = None, clip_dir: Optional[str] = None, mapper_width: int = 256,
+                        mapper_blocks: int = 9, seed: int = 0, buffer_mb: float = 1024.0,
+                        show_progress: bool = True) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+    import flax.linen as nn
+    from exo2ego_jax.convert import read_hf_config
+    from exo2ego_jax.models.mapper import build_mapper
+    from exo2ego_jax.models.registry import abstract_params, build_module, flat_shapes
+
+    hf = read_hf_config(hf_dir)
+    try:
+        config = exo2ego_config_from_hf(hf, mapper_width=mapper_width, mapper_blocks=mapper_blocks,
+                                        scan_layers=scan_layers)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"config.json in {hf_dir!r} cannot be used for a VideoLLaMA2 conversion: {e}") from e
+    primary = SafetensorsCheckpoint(hf_dir)
+    ckpt = MultiCheckpoint(primary, clip=SafetensorsCheckpoint(clip_dir)) if clip_dir else primary
+
+    if clip_dir:
+        tower = detect_prefix(ckpt, _clip.ANCHOR, ["clip::" + p for p in _clip.PREFIXES])
+    else:
+        tower = detect_prefix(ckpt, _clip.ANCHOR, [TOWER_PREFIX])
+    clip_rules = _clip.clip_rules()
+    rules = (_prefixed(clip_rules, "ego_encoder/", tower) + _prefixed(clip_rules, "exo_encoder/", tower)
+             + _prefixed(_mistral.mistral_rules(), "llm/", ""))
+    unused = [re.escape(tower) + u for u in _clip.clip_unused(config.clip.num_built_layers, config.clip.num_layers)]
+    unused += _mistral.mistral_unused()
+    extra = {}
+    if mm_projector:
+        state = read_projector_file(mm_projector)
+        connector = params_from_state_dict(state, stc_rules(config.stc))
+        extra.update({f"connector/{k}": v for k, v in traverse_util.flatten_dict(connector, sep="/").items()})
+        unused.append(r"model\.mm_projector\..*")  # the separate file wins over any copy in the folder
+    else:
+        rules += _prefixed(stc_rules(config.stc), "connector/", PROJECTOR_PREFIX)
+    # F and G: seeded fresh init (CycleGAN's N(0, 0.02)), different keys for the two.
+    grid = config.grid
+    dummy = jnp.zeros((1, grid, grid, config.clip.hidden_size), jnp.float32)
+    for name, key in (("mapper_f", jax.random.key(seed)), ("mapper_g", jax.random.key(seed + 1))):
+        params = nn.meta.unbox(build_mapper(config.mapper, name).init(key, dummy)["params"])
+        extra.update({f"{name}/{k}": np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()})
+
+    plan = _expand_composite(rules, config, scan_layers)
+    expected = flat_shapes(abstract_params("exo2ego", build_module("exo2ego", config)))
+    for k, v in extra.items():
+        if k not in expected or tuple(expected[k].shape) != tuple(v.shape):
+            want = expected[k].shape if k in expected else "no such param"
+            raise CheckpointError(f"param {k!r} from the projector/mapper init has shape {v.shape}, needs {want}")
+    return convert_checkpoint(ckpt, plan, prefix="", expected=expected, unused=unused, out_dir=out_dir,
+                              kind="exo2ego", config=config.to_dict(), dtype=dtype, buffer_mb=buffer_mb,
+                              extra_params=extra, show_progress=show_progress,
+                              extra_metadata=dict(mapper_seed=seed))
+
+
+def _expand_composite(rules, config, scan):
+    """Per-layer rules of the encoders use the CLIP depth; the LLM's use the Mistral depth."""
+    plan = []
+    for rule in rules:
+        layers = config.llm.num_layers if rule.target.startswith("llm/") else config.clip.num_built_layers
+        plan += expand_rules([rule], num_layers=layers, scan=scan)
+    return plan
