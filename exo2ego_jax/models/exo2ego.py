@@ -250,3 +250,24 @@ def example_inputs(config: Exo2EgoConfig):
     ids = jnp.array([[1, config.video_token_index, 5]], jnp.int32)
     c = config.clip
     return ids, jnp.zeros((1, config.num_frames, c.image_size, c.image_size, c.num_channels), jnp.float32)
+
+
+def guidance_forward(module: Exo2Ego, ego_pixels, exo_pixels, input_ids, attention_mask, labels, *,
+                     fusion: str, cycle: str, detach_cycle_targets: bool, deterministic: bool):
+    """Stage 2 in one pass (call through `module.apply(..., method=guidance_forward)`).
+
+    Returns the tensors the stage-2 losses need: x (ego features), y (exo features), F(x), G(F(x)),
+    F(G(y)) (when the backward cycle is on), and the LLM logits on the fused ego input with their labels.
+    """
+    x = module.encode(ego_pixels, "ego")
+    y = module.encode(exo_pixels, "exo")
+    fx = module.map_f(x, deterministic)
+    out = dict(x=x, y=y, fx=fx)
+    if cycle != "none":
+        out["gfx"] = module.map_g(fx, deterministic)
+        out["x_target"] = jax.lax.stop_gradient(x) if detach_cycle_targets else x
+    if cycle == "both":
+        out["fgy"] = module.map_f(module.map_g(y, deterministic), deterministic)
+    visual = module.connect(x, fx, fusion=fusion) if fusion != "none" else module.connect(fx, fusion="none")
+    out["logits"], out["labels"] = module.language_model(input_ids, visual, attention_mask, labels, deterministic)
+    return out
