@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import traverse_util
 
+from exo2ego_jax.models import registry
 from exo2ego_jax.losses import LossConfig, feature_kl, vtg_loss
 from exo2ego_jax.models.clip import CLIPVisionConfig
 from exo2ego_jax.models.exo2ego import Exo2Ego, Exo2EgoConfig, example_inputs
@@ -43,14 +44,14 @@ def tiny_batch(seed=0):
 
 
 def init_params(cfg, seed=0):
+    """Random params of the right shapes, every one off its init (LoRA B = 0 would zero A's gradient).
+    numpy fills them directly: compiling `init` for every random initialiser costs ~10 s on CPU."""
     module = Exo2Ego(cfg)
-    init = jax.jit(lambda key: module.init(key, *example_inputs(cfg), method="init_all"))
-    params = nn.meta.unbox(init(jax.random.key(seed))["params"])
-    # move every param off its init (LoRA B = 0 would zero A's gradient)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    params = jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-    return module, params
+    shapes = registry.flat_shapes(registry.abstract_params("exo2ego", module))
+    rng = np.random.default_rng(seed)
+    flat = {k: jnp.asarray((1.0 if k.endswith("scale") else 0.0) + 0.05 * rng.standard_normal(v.shape), v.dtype)
+            for k, v in shapes.items()}
+    return module, traverse_util.unflatten_dict(flat, sep="/")
 
 
 # Conv biases directly followed by instance norm have exactly-zero true gradients (the norm removes any
