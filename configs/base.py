@@ -1,0 +1,87 @@
+"""Shared ml_collections config for every stage: `get_base_config(stage, preset)`.
+
+Stage files (configs/stage0.py ... stage3.py) call this and set their own hyperparameters. Presets:
+  tiny  CPU in about a minute: random init, synthetic in-memory batches, float32.
+  demo  the synthetic ego-exo dataset of the demo (a tiny model, CPU).
+  7b    the paper's model (CLIP-L/14-336, STC, Mistral-7B) and hyperparameters, for GPU pods.
+Fields are validated at start-up (`exo2ego_jax.train.config.validate`): a bad value names the field.
+"""
+import ml_collections
+
+PRESETS = ("tiny", "demo", "7b")
+
+
+def model_config(preset: str) -> ml_collections.ConfigDict:
+    if preset == "7b":
+        return ml_collections.ConfigDict(dict(
+            clip=dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, patch_size=14,
+                      image_size=336, select_layer=-2),
+            llm=dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                     num_kv_heads=8, head_dim=128, rope_theta=1e6, sliding_window=None),
+            stc=dict(depth=4, variant="stc"),
+            mapper=dict(kind="resnet", width=256, num_blocks=9, output_tanh=False, dropout=0.0),
+            num_frames=16, fusion="tokens", length_buckets=(4096, 5120, 6144),
+            scan_layers=False, remat_policy="dots_no_batch", clip_remat_policy="full", attention_impl="cudnn"))
+    return ml_collections.ConfigDict(dict(
+        clip=dict(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, patch_size=4, image_size=32,
+                  select_layer=-2),
+        llm=dict(vocab_size=64 if preset == "tiny" else 512, hidden_size=48, intermediate_size=96, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=12, rope_theta=1e6, sliding_window=None),
+        stc=dict(depth=1, variant="stc"),
+        mapper=dict(kind="resnet", width=8, num_blocks=2, output_tanh=False, dropout=0.0),
+        num_frames=4, fusion="tokens", length_buckets=(),
+        scan_layers=True, remat_policy="none", clip_remat_policy="none", attention_impl="xla"))
+
+
+def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for {stage}; choose one of {PRESETS}")
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.preset = preset
+    c.seed = 42  # VideoLLaMA2's set_seed(42)
+    c.model = model_config(preset)
+
+    # LoRA (stage 3): r=128, alpha=256, dropout 0.1 on q,k,v,o,gate,up,down.
+    c.lora = ml_collections.ConfigDict(dict(enabled=False, rank=128 if preset == "7b" else 4,
+                                            alpha=256.0 if preset == "7b" else 8.0, dropout=0.1,
+                                            targets=("q", "k", "v", "o", "gate", "up", "down")))
+    c.loss = ml_collections.ConfigDict(dict(vtg_weight=1.0, cycle_weight=1.0, kl_weight=1.0, cycle="both",
+                                            use_kl=True, kl_temperature=1.0, kl_direction="exo_to_mapped",
+                                            kl_reduction="batchmean", detach_cycle_targets=True))
+    # Trainable params: regexes over '/'-joined param paths; empty = the stage's default table (stages.py).
+    c.trainable = ()
+    c.fusion = ""  # LLM input fusion for this stage; empty = the stage's default
+
+    # Where the params start: a converted/exported checkpoint folder, the previous stage's workdir
+    # (its `export/`), or nothing (random init; only sensible for tiny/demo).
+    c.init = ml_collections.ConfigDict(dict(checkpoint="", from_workdir="", allow_random=preset != "7b"))
+
+    # Precision: trainable params keep float32 master weights; frozen params are stored in `frozen_dtype`;
+    # compute runs in `compute_dtype`.
+    c.compute_dtype = "bfloat16" if preset == "7b" else "float32"
+    c.frozen_dtype = "bfloat16" if preset == "7b" else "float32"
+
+    # Mesh ('data', 'fsdp', 'tensor'); -1 fills with the remaining devices.
+    c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1) if preset == "7b" else (-1, 1, 1),
+                                            num_devices=-1))  # use the first N devices; -1: all
+
+    c.optim = ml_collections.ConfigDict(dict(learning_rate=1e-4, warmup_ratio=0.03, schedule="cosine",
+                                             b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+                                             no_decay=(r".*/bias", r".*/scale", r".*norm.*", r".*layrnorm.*")))
+    c.batch_size = 8          # global batch per optimizer step (all processes)
+    c.microbatches = 1        # gradient accumulation steps inside one jitted step
+    c.num_epochs = 1.0
+    c.num_train_steps = -1    # > 0 overrides num_epochs
+
+    c.data = ml_collections.ConfigDict(dict(source="synthetic", root="", split="train", num_examples=16,
+                                            seq_len=16, worker_count=0, shuffle=True, eval_split=""))
+    c.log_every = 1
+    c.eval_every = 0          # 0: no periodic eval
+    c.eval_batches = 2
+    c.checkpoint_every = 10
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.export = ml_collections.ConfigDict(dict(enabled=True, merge_lora=True))
+    c.hold_after_step = -1    # test hook: after this step's checkpoint is written, wait to be killed
+    return c

@@ -1,0 +1,22 @@
+"""Init stage: VideoLLaMA2-style connector initialisation (clip-text VTG, connector only).
+
+python launch/stage0.py --config configs/stage0.py:<tiny|demo|7b> --workdir DIR
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import base  # noqa: E402
+
+
+def get_config(preset: str = "tiny"):
+    c = base.get_base_config("init", preset)
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_ratio = 0.1
+    c.num_epochs = 5.0
+    if preset == "7b":
+        c.batch_size = 512
+        c.microbatches = 64
+        c.init.checkpoint = "/ckpt/jax/videollama2-7b-16f"  # a converted VideoLLaMA2 checkpoint
+        c.data.source = "ego_exo_clip"
+    return c

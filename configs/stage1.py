@@ -1,0 +1,22 @@
+"""Stage 1, demonstrator self-preparation: exo clip-text VTG; exo encoder + connector, LLM frozen.
+
+python launch/stage1.py --config configs/stage1.py:<tiny|demo|7b> --workdir DIR
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import base  # noqa: E402
+
+
+def get_config(preset: str = "tiny"):
+    c = base.get_base_config("stage1", preset)
+    c.optim.learning_rate = 1e-4
+    c.optim.warmup_ratio = 0.03
+    c.num_epochs = 2.0
+    if preset == "7b":
+        c.batch_size = 256
+        c.microbatches = 32
+        c.init.from_workdir = "/workdirs/stage0"
+        c.data.source = "ego_exo_clip"
+    return c

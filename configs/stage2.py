@@ -1,0 +1,23 @@
+"""Stage 2, demonstrator-learner guidance: cycle L1 + KL(y || F(x)) + VTG on synchronized ego-exo clips;
+ego encoder, F and G trained (exo encoder and LLM frozen).
+
+python launch/stage2.py --config configs/stage2.py:<tiny|demo|7b> --workdir DIR
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import base  # noqa: E402
+
+
+def get_config(preset: str = "tiny"):
+    c = base.get_base_config("stage2", preset)
+    c.optim.learning_rate = 1e-4
+    c.optim.warmup_ratio = 0.03
+    c.num_epochs = 2.0
+    if preset == "7b":
+        c.batch_size = 256
+        c.microbatches = 64
+        c.init.from_workdir = "/workdirs/stage1"
+        c.data.source = "ego_exo_clip"
+    return c

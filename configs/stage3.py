@@ -1,0 +1,24 @@
+"""Stage 3, learner self-practice: EgoIT instruction tuning on x together with F(x); LoRA (r=128, alpha=256,
+dropout 0.1) + ego encoder + F (+ connector).
+
+python launch/stage3.py --config configs/stage3.py:<tiny|demo|7b> --workdir DIR
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import base  # noqa: E402
+
+
+def get_config(preset: str = "tiny"):
+    c = base.get_base_config("stage3", preset)
+    c.lora.enabled = True
+    c.optim.learning_rate = 2e-5 if preset == "7b" else 1e-3
+    c.optim.warmup_ratio = 0.03
+    c.num_epochs = 1.0
+    if preset == "7b":
+        c.batch_size = 64
+        c.microbatches = 32
+        c.init.from_workdir = "/workdirs/stage2"
+        c.data.source = "ego_it"
+    return c

@@ -1,0 +1,1 @@
+"""Training: configs -> sharded state -> one jitted step per stage -> checkpoints and exports."""

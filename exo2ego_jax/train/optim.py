@@ -1,0 +1,44 @@
+"""AdamW with warmup + cosine (or linear/constant) decay, global-norm clipping, no decay on norms/biases."""
+from __future__ import annotations
+
+import jax
+import optax
+from flax import traverse_util
+
+from exo2ego_jax.models.lora import path_matcher
+
+
+def learning_rate_schedule(optim, total_steps: int):
+    warmup = int(round(optim.warmup_ratio * total_steps))
+    peak = optim.learning_rate
+    if optim.schedule == "constant":
+        decay = optax.constant_schedule(peak)
+    elif optim.schedule == "linear":
+        decay = optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))
+    else:  # cosine to 0, as HF's get_cosine_schedule_with_warmup
+        decay = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
+    if warmup == 0:
+        return decay
+    # HF warms up from 0 over `warmup` steps: lr(step) = peak * step / warmup
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def decay_mask(params, patterns):
+    no_decay = path_matcher(patterns)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return traverse_util.unflatten_dict({k: not no_decay(k) for k in flat}, sep="/")
+
+
+def make_optimizer(optim, total_steps: int):
+    """-> (optax transform over the trainable params, learning-rate schedule)."""
+    schedule = learning_rate_schedule(optim, total_steps)
+    parts = []
+    if optim.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(optim.grad_clip))
+    parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                             mask=lambda p: decay_mask(p, tuple(optim.no_decay))))
+    return optax.chain(*parts), schedule
+
+
+def global_norm(tree) -> jax.Array:
+    return optax.global_norm(tree)
