@@ -74,21 +74,82 @@ def test_stage_learns_and_keeps_frozen_params(stage_file, lr, tmp_path):
     assert len(moved) > 0.5 * len(flat(init_trainable))
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
-def test_sharded_step_equals_single_device(tmp_path, shape):
+SHARDING_RUN = dict(num_train_steps=2, batch_size=8, checkpoint_every=100, **{"data.num_examples": 8})
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
     from exo2ego_jax.train.loop import train
-    common = dict(num_train_steps=2, batch_size=8, checkpoint_every=100, **{"data.num_examples": 8})
-    single = train(stage_config("stage2", **common, **{"mesh.shape": (1, 1, 1), "mesh.num_devices": 1}),
-                   str(tmp_path / "single"), show_progress=False)
-    sharded = train(stage_config("stage2", **common, **{"mesh.shape": shape}), str(tmp_path / "sharded"),
+    return train(stage_config("stage1", **SHARDING_RUN, **{"mesh.shape": (1, 1, 1), "mesh.num_devices": 1}),
+                 str(tmp_path_factory.mktemp("single")), show_progress=False)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_sharded_step_equals_single_device(tmp_path, shape, single_device_run):
+    from exo2ego_jax.train.loop import train
+    common = SHARDING_RUN
+    single = single_device_run
+    sharded = train(stage_config("stage1", **common, **{"mesh.shape": shape}), str(tmp_path / "sharded"),
                     show_progress=False)
     for a, b in zip(single.metrics, sharded.metrics):
-        for key in ("loss", "vtg", "cycle_forward", "cycle_backward", "kl", "grad_norm"):
+        for key in ("loss", "vtg", "grad_norm"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
     _, p1 = exo2ego_jax.load_pretrained(single.export_dir)
     _, p2 = exo2ego_jax.load_pretrained(sharded.export_dir)
     for (path, x), y in zip(flat(p1).items(), flat(p2).values()):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, err_msg=path)
+
+
+STAGE2_GRADIENT_SCRIPT = r"""
+import dataclasses as dc, json, sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
+sys.path.insert(0, sys.argv[1])
+from tests.test_train import stage_config
+from exo2ego_jax.models.exo2ego import Exo2Ego
+from exo2ego_jax.models.lora import combine_params
+from exo2ego_jax.sharding import create_mesh
+from exo2ego_jax.stages import stage_loss
+from exo2ego_jax.train import config as config_lib, state as state_lib
+from exo2ego_jax.train.loop import make_data, to_model_batch
+from exo2ego_jax.train.optim import make_optimizer
+
+c = stage_config("stage2", batch_size=8, **{"data.num_examples": 8})
+mc = config_lib.model_config(c)
+f64 = lambda sub: dc.replace(sub, dtype="float64", param_dtype="float64")
+mc = dc.replace(mc, clip=f64(mc.clip), llm=f64(mc.llm), stc=f64(mc.stc), mapper=f64(mc.mapper))
+module, spec, loss_cfg = Exo2Ego(mc), config_lib.stage_spec(c), config_lib.loss_config(c)
+mesh = create_mesh((1, 1, 1), jax.devices()[:1])
+layout = state_lib.build_layout(module, mesh, spec, make_optimizer(c.optim, 2)[0])
+trainable, frozen = state_lib.init_params(module, mesh, layout, spec, seed=0, frozen_dtype="float64")
+trainable, frozen = jax.device_get(trainable), jax.device_get(frozen)
+batch = to_model_batch(next(make_data(c, mc, process_index=0, process_count=1)), np.float64)
+batch = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "ego_pixels", "exo_pixels")}
+grad = jax.jit(jax.grad(lambda t, f, b: stage_loss(module, combine_params(t, f), b, spec, loss_cfg)[0]))
+ref = traverse_util.flatten_dict(grad(trainable, frozen, batch), sep="/")
+worst = 0.0
+for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+    mesh = create_mesh(shape)
+    lay = state_lib.build_layout(module, mesh, spec, make_optimizer(c.optim, 2)[0])
+    args = (jax.device_put(trainable, lay.trainable), jax.device_put(frozen, lay.frozen), jax.device_put(batch, lay.batch))
+    with jax.set_mesh(mesh):
+        got = traverse_util.flatten_dict(grad(*args), sep="/")
+    scale = max(float(np.abs(v).max()) for v in ref.values())
+    worst = max(worst, max(float(np.abs(np.asarray(got[k]) - v).max()) for k, v in ref.items()) / scale)
+print(json.dumps({"worst_relative": worst}))
+"""
+
+
+def test_sharded_stage2_gradients_match_in_float64():
+    """Stage 2's float32 gradients are ill-conditioned at tiny sizes (instance norm over 2x2 maps; biases before
+    it and the attention key bias have exactly-zero true gradients), so rounding differs visibly between
+    layouts. In float64 every mesh must give the single-device gradient."""
+    result = subprocess.run([sys.executable, "-c", STAGE2_GRADIENT_SCRIPT, ROOT], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "JAX_ENABLE_X64": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    worst = json.loads(result.stdout.strip().splitlines()[-1])["worst_relative"]
+    assert worst < 1e-6, worst
 
 
 def launch(stage, workdir, *flags, env=None, **popen):

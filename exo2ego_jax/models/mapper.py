@@ -46,7 +46,7 @@ _INIT = nn.initializers.normal(0.02)
 
 def instance_norm(x: jax.Array, eps: float) -> jax.Array:
     """InstanceNorm2d(affine=False): per sample and channel over H, W; biased variance; float32 stats."""
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean = jnp.mean(x32, axis=(1, 2), keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2), keepdims=True)
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
