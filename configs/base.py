@@ -49,7 +49,8 @@ def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(vtg_weight=1.0, cycle_weight=1.0, kl_weight=1.0, cycle="both",
                                             use_kl=True, kl_temperature=1.0, kl_direction="exo_to_mapped",
                                             kl_reduction="batchmean", detach_cycle_targets=True))
-    # Trainable params: regexes over '/'-joined param paths; empty = the stage's default table (stages.py).
+    # Trainable params: regexes over '/'-joined param paths; each stage file sets its table (empty = the
+    # stage's default in exo2ego_jax/stages.py).
     c.trainable = ()
     c.fusion = ""  # LLM input fusion for this stage; empty = the stage's default
 

@@ -11,6 +11,9 @@ import base  # noqa: E402
 
 def get_config(preset: str = "tiny"):
     c = base.get_base_config("init", preset)
+    # Trainable params: regexes over '/'-joined param paths (everything else is frozen, kept in frozen_dtype,
+    # and gets no optimizer state).
+    c.trainable = (r"connector/.*",)
     c.optim.learning_rate = 1e-3
     c.optim.warmup_ratio = 0.1
     c.num_epochs = 5.0

@@ -11,6 +11,9 @@ import base  # noqa: E402
 
 def get_config(preset: str = "tiny"):
     c = base.get_base_config("stage1", preset)
+    # Trainable params: regexes over '/'-joined param paths (everything else is frozen, kept in frozen_dtype,
+    # and gets no optimizer state).
+    c.trainable = (r"exo_encoder/.*", r"connector/.*")
     c.optim.learning_rate = 1e-4
     c.optim.warmup_ratio = 0.03
     c.num_epochs = 2.0

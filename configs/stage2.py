@@ -12,6 +12,9 @@ import base  # noqa: E402
 
 def get_config(preset: str = "tiny"):
     c = base.get_base_config("stage2", preset)
+    # Trainable params: regexes over '/'-joined param paths (everything else is frozen, kept in frozen_dtype,
+    # and gets no optimizer state).
+    c.trainable = (r"ego_encoder/.*", r"mapper_f/.*", r"mapper_g/.*")
     c.optim.learning_rate = 1e-4
     c.optim.warmup_ratio = 0.03
     c.num_epochs = 2.0

@@ -45,14 +45,17 @@ STAGES: dict[str, StageSpec] = {
 
 
 def get_stage(name: str, *, trainable: Optional[tuple[str, ...]] = None, fusion: Optional[str] = None,
-              loss: Optional[LossConfig] = None) -> StageSpec:
-    """The stage spec, with config overrides; drops G from stage 2's set when the cycle loss is off."""
+              loss: Optional[LossConfig] = None, lora: bool = True) -> StageSpec:
+    """The stage spec, with config overrides; drops G from stage 2's set when the cycle loss is off, and the
+    adapters when LoRA is off (the "w/o LoRA" ablation: the LLM stays frozen)."""
     check_choice("stage", name, STAGES)
     spec = STAGES[name]
     if trainable is not None:
         spec = dataclasses.replace(spec, trainable=tuple(trainable))
     if fusion is not None:
         spec = dataclasses.replace(spec, fusion=fusion)
+    if not lora:
+        spec = dataclasses.replace(spec, trainable=tuple(p for p in spec.trainable if "lora" not in p))
     if spec.guidance and loss is not None and loss.cycle == "none":
         spec = dataclasses.replace(spec, trainable=tuple(p for p in spec.trainable if not p.startswith("mapper_g")))
     return spec

@@ -155,8 +155,10 @@ def test_sharded_stage2_gradients_match_in_float64():
 def launch(stage, workdir, *flags, env=None, **popen):
     cmd = [sys.executable, os.path.join(ROOT, "launch", f"{stage}.py"), f"--config={ROOT}/configs/{stage}.py:tiny",
            f"--workdir={workdir}", "--noprogress", *flags]
+    # one CPU device unless the test asks for more (the test process itself runs with 8 fake devices)
+    base_env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})}, **popen)
+                            env={**base_env, **(env or {})}, **popen)
 
 
 RESUME_FLAGS = ("--config.num_train_steps=10", "--config.checkpoint_every=2", "--config.batch_size=4",
@@ -166,11 +168,13 @@ RESUME_FLAGS = ("--config.num_train_steps=10", "--config.checkpoint_every=2", "-
 def test_kill_and_resume_is_exact(tmp_path):
     full = launch("stage3", tmp_path / "full", *RESUME_FLAGS)
     killed = launch("stage3", tmp_path / "killed", *RESUME_FLAGS, "--config.hold_after_step=6")
+    seen = []
     for line in killed.stdout:
+        seen.append(line)
         if "HOLDING after checkpoint 6" in line:
             break
     else:
-        pytest.fail("the run never reached its step-6 checkpoint")
+        pytest.fail("the run never reached its step-6 checkpoint:\n" + "".join(seen[-30:]))
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert full.wait(timeout=600) == 0, full.stdout.read()
@@ -255,3 +259,44 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert steps and steps[-1] == good
     metrics = read_metrics(tmp_path)
     assert all(np.isfinite(m["loss"]) for m in metrics) and metrics[-1]["step"] == good
+
+
+def test_chained_stages_eval_and_tensorboard(tmp_path):
+    """stage 0 -> stage 1 through init.from_workdir; periodic eval; metrics in jsonl and TensorBoard events."""
+    from exo2ego_jax.train.loop import train
+    from exo2ego_jax.train.metrics import read_events
+    one = dict(num_train_steps=3, batch_size=4, checkpoint_every=100, eval_every=2, eval_batches=1,
+               **{"data.num_examples": 4, "mesh.shape": (1, 1, 1), "mesh.num_devices": 1})
+    first = train(stage_config("stage0", **one), str(tmp_path / "stage0"), show_progress=False)
+    second = train(stage_config("stage1", **one, **{"init.from_workdir": str(tmp_path / "stage0")}),
+                   str(tmp_path / "stage1"), show_progress=False)
+    # stage 1 starts from stage 0's export: its frozen LLM and its trained connector
+    _, p0 = exo2ego_jax.load_pretrained(first.export_dir)
+    _, p1 = exo2ego_jax.load_pretrained(second.export_dir)
+    np.testing.assert_array_equal(np.asarray(p0["llm"]["lm_head"]["kernel"]), np.asarray(p1["llm"]["lm_head"]["kernel"]))
+    evals = [m for m in read_metrics(tmp_path / "stage1") if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [2, 3] and all(np.isfinite(m["eval_vtg"]) for m in evals)
+    events = [f for f in os.listdir(tmp_path / "stage1" / "tensorboard") if f.startswith("events.out.tfevents")]
+    scalars = read_events(str(tmp_path / "stage1" / "tensorboard" / events[0]))
+    train_steps = [step for step, values in scalars if "loss" in values]
+    assert train_steps == [1, 2, 3]
+    jsonl = {m["step"]: m for m in read_metrics(tmp_path / "stage1") if "loss" in m}
+    for step, values in scalars:
+        if "loss" in values:
+            assert abs(values["loss"] - jsonl[step]["loss"]) < 1e-5
+            assert values["tokens_per_s"] > 0 and values["learning_rate"] >= 0
+
+
+def test_stage3_without_lora_keeps_llm_frozen():
+    from exo2ego_jax.train import config as config_lib
+    c = stage_config("stage3", **{"lora.enabled": False})
+    config_lib.validate(c)
+    spec = config_lib.stage_spec(c)
+    assert not any("lora" in p for p in spec.trainable) and "connector/.*" in spec.trainable
+
+
+def test_real_data_source_without_loaders_is_a_clear_error(monkeypatch):
+    from exo2ego_jax.train.config import ConfigError, validate
+    monkeypatch.setitem(sys.modules, "exo2ego_jax.data.loader", None)  # loaders absent (as on this build)
+    with pytest.raises(ConfigError, match="data.source"):
+        validate(stage_config("stage3", **{"data.source": "ego_it"}))

@@ -49,9 +49,12 @@ def validate(c) -> None:
     _require(len(tuple(c.mesh.shape)) == 3, "mesh.shape", f"needs 3 entries (data, fsdp, tensor), got {c.mesh.shape}")
     _require(not (c.init.checkpoint and c.init.from_workdir), "init.checkpoint",
              "set init.checkpoint or init.from_workdir, not both")
-    if c.stage == "stage3":
-        _require(c.lora.enabled or c.trainable, "lora.enabled",
-                 "stage 3 without LoRA trains no LLM params; set lora.enabled=True or list `trainable` explicitly")
+    if c.data.source != "synthetic":
+        try:
+            import exo2ego_jax.data.loader  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"config field 'data.source': {c.data.source!r} needs the Grain record loaders "
+                              "(exo2ego_jax.data), which this build does not have yet; use data.source='synthetic'")
     # Constructing the dataclasses runs their own checks; re-raise them as ConfigErrors with the section.
     for section, build in (("model", lambda: model_config(c)), ("loss", lambda: loss_config(c)),
                            ("trainable", lambda: stage_spec(c))):
@@ -85,7 +88,8 @@ def loss_config(c) -> LossConfig:
 
 
 def stage_spec(c) -> StageSpec:
-    return get_stage(c.stage, trainable=tuple(c.trainable) or None, fusion=c.fusion or None, loss=loss_config(c))
+    return get_stage(c.stage, trainable=tuple(c.trainable) or None, fusion=c.fusion or None, loss=loss_config(c),
+                     lora=bool(c.lora.enabled))
 
 
 def as_plain(value: Any):

@@ -156,6 +156,11 @@ def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
     compute_dtype = jnp.dtype(c.compute_dtype)
     step_fn = jit_train_step(make_train_step(module, spec, loss_cfg, tx, schedule, microbatches=c.microbatches,
                                              compute_dtype=compute_dtype), layout)
+    eval_fn = None
+    if c.eval_every > 0:
+        eval_data = make_data(c, model_cfg, process_index=jax.process_index(), process_count=jax.process_count(),
+                              split="eval")
+        eval_fn = jit_eval_step(make_eval_step(module, spec, loss_cfg, compute_dtype=compute_dtype), layout)
     logger = MetricsLogger(workdir, enabled=is_main)
     history = []
     _print(is_main, f"{c.stage}: {n_trainable / 1e6:.2f}M trainable / {n_frozen / 1e6:.2f}M frozen params, mesh "
@@ -200,6 +205,10 @@ def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
                 if is_log:
                     logger.log(step, record)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['learning_rate']:.2e}")
+            if eval_fn is not None and (step % c.eval_every == 0 or step == steps):
+                record = evaluate(eval_fn, eval_data, state["trainable"], frozen, layout, mesh, c, compute_dtype)
+                logger.log(step, record)
+                history.append(dict(step=step, **record))
             if is_ckpt:
                 checkpointer.save(step, state, data.get_state())
                 last_good = step
@@ -219,6 +228,19 @@ def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
         bar.close()
         checkpointer.close()
         logger.close()
+
+
+def evaluate(eval_fn, eval_data, trainable, frozen, layout, mesh, c, compute_dtype) -> dict:
+    """Mean eval metrics over the first `eval_batches` batches of the eval split (the same ones each time)."""
+    eval_data.set_state({"position": 0, "seed": eval_data.seed, "global_batch": eval_data.global_batch})
+    totals: dict = {}
+    for _ in range(c.eval_batches):
+        batch = global_batch(to_model_batch(next(eval_data), compute_dtype), layout.batch)
+        with jax.set_mesh(mesh):
+            values = jax.device_get(eval_fn(trainable, frozen, batch))
+        for k, v in values.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return {f"eval_{k}": v / c.eval_batches for k, v in totals.items() if k != "num_targets"}
 
 
 def export(c, workdir: str, module, trainable, frozen) -> str:
