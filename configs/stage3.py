@@ -16,7 +16,8 @@ def get_config(preset: str = "tiny"):
     # Trainable params: regexes over '/'-joined param paths (everything else is frozen, kept in frozen_dtype,
     # and gets no optimizer state).
     c.trainable = (r"llm/.*/lora_[ab]", r"ego_encoder/.*", r"mapper_f/.*", r"connector/.*")
-    c.optim.learning_rate = 2e-5 if preset == "7b" else 1e-3
+    # the paper's rate for 7b; a larger one lets the tiny CPU presets move within a few dozen steps
+    c.optim.learning_rate = 2e-5 if preset == "7b" else 3e-3
     c.optim.warmup_ratio = 0.03
     c.num_epochs = 1.0
     if preset == "7b":

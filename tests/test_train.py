@@ -74,7 +74,8 @@ def test_stage_learns_and_keeps_frozen_params(stage_file, lr, tmp_path):
     assert len(moved) > 0.5 * len(flat(init_trainable))
 
 
-SHARDING_RUN = dict(num_train_steps=2, batch_size=8, checkpoint_every=100, **{"data.num_examples": 8})
+SHARDING_RUN = dict(num_train_steps=2, batch_size=8, checkpoint_every=100,
+                    **{"data.num_examples": 8, "optim.learning_rate": 1e-4})
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +199,7 @@ def free_port():
 
 def test_two_process_distributed_equals_one_process(tmp_path):
     flags = ("--config.num_train_steps=3", "--config.batch_size=8", "--config.data.num_examples=8",
-             "--config.checkpoint_every=100")
+             "--config.checkpoint_every=100", "--config.optim.learning_rate=1e-4")
     one = launch("stage2", tmp_path / "one", *flags, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     port = free_port()
     procs = [launch("stage2", tmp_path / "two", *flags, f"--coordinator_address=localhost:{port}",
@@ -300,3 +301,19 @@ def test_real_data_source_without_loaders_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "exo2ego_jax.data.loader", None)  # loaders absent (as on this build)
     with pytest.raises(ConfigError, match="data.source"):
         validate(stage_config("stage3", **{"data.source": "ego_it"}))
+
+
+@pytest.mark.parametrize("stage_file", ["stage0", "stage1", "stage2", "stage3"])
+@pytest.mark.parametrize("preset", ["tiny", "demo", "7b"])
+def test_every_preset_validates(stage_file, preset):
+    """Presets are consistent (7b: the paper's batches reachable through microbatches, LoRA r=128/alpha=256)."""
+    from exo2ego_jax.train import config as config_lib
+    c = stage_config(stage_file, preset, **{"data.source": "synthetic"})
+    config_lib.validate(c)
+    model = config_lib.model_config(c)
+    if preset == "7b":
+        assert {"stage0": 512, "stage1": 256, "stage2": 256, "stage3": 64}[stage_file] == c.batch_size
+        assert model.num_visual_tokens() == 3042 and model.llm.num_layers == 32
+        if stage_file == "stage3":
+            assert (model.llm.lora.rank, model.llm.lora.alpha, model.llm.lora.dropout) == (128, 256.0, 0.1)
+            assert c.optim.learning_rate == 2e-5
