@@ -29,6 +29,7 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.23.1,<0.24",
     "av==18.1.0",
     "tqdm",
+    "scikit-learn>=1.5",  # average precision for the benchmark metrics
 ]
 
 EXTRAS = {
