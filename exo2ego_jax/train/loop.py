@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,7 @@ class TrainResult:
     export_dir: Optional[str]
 
 
-def resolve_init(c, workdir: str) -> Optional[str]:
+def resolve_init(c) -> Optional[str]:
     if c.init.checkpoint:
         path = c.init.checkpoint
         if not os.path.exists(os.path.join(path, "model_config.json")):
@@ -113,6 +113,54 @@ def check_batch_divisibility(c, mesh) -> None:
         raise ValueError(f"config field 'batch_size': {c.batch_size} is not divisible by {jax.process_count()} processes")
 
 
+@dataclasses.dataclass
+class Setup:
+    """Everything a stage's step needs, built from a config (shared by `train` and the profiler)."""
+    mesh: Any
+    module: Exo2Ego
+    model_cfg: Any
+    spec: Any
+    loss_cfg: Any
+    data: Any
+    steps: int
+    tx: Any
+    schedule: Any
+    layout: Any
+    state: dict
+    frozen: dict
+    step_fn: Any
+    n_trainable: int
+    n_frozen: int
+
+
+def prepare(c) -> Setup:
+    """Validate `c`, build the mesh, model, data, optimizer and the sharded initial state, jit the step."""
+    config_lib.validate(c)
+    devices = jax.devices() if c.mesh.num_devices < 0 else jax.devices()[:c.mesh.num_devices]
+    mesh = create_mesh(tuple(c.mesh.shape), devices)
+    check_batch_divisibility(c, mesh)
+    init_path = resolve_init(c)
+    model_cfg = config_lib.model_config(c)
+    if init_path is not None:
+        model_cfg = state_lib.checkpoint_model_config(init_path, model_cfg)
+    module = Exo2Ego(model_cfg)
+    spec = config_lib.stage_spec(c)
+    loss_cfg = config_lib.loss_config(c)
+    data = make_data(c, model_cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    steps = total_steps(c, len(data))
+    tx, schedule = make_optimizer(c.optim, steps)
+    layout = state_lib.build_layout(module, mesh, spec, tx)
+    trainable, frozen = state_lib.init_params(module, mesh, layout, spec, seed=c.seed, frozen_dtype=c.frozen_dtype,
+                                              checkpoint=init_path)
+    n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+    n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
+    state = state_lib.new_state(trainable, tx, layout, mesh, c.seed)
+    step_fn = jit_train_step(make_train_step(module, spec, loss_cfg, tx, schedule, microbatches=c.microbatches,
+                                             compute_dtype=jnp.dtype(c.compute_dtype)), layout)
+    return Setup(mesh, module, model_cfg, spec, loss_cfg, data, steps, tx, schedule, layout, state, frozen, step_fn,
+                 n_trainable, n_frozen)
+
+
 def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
     config_lib.validate(c)
     os.makedirs(workdir, exist_ok=True)
@@ -120,29 +168,10 @@ def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(c.to_dict(), f, indent=2, default=str)
-
-    devices = jax.devices() if c.mesh.num_devices < 0 else jax.devices()[:c.mesh.num_devices]
-    mesh = create_mesh(tuple(c.mesh.shape), devices)
-    check_batch_divisibility(c, mesh)
-    init_path = resolve_init(c, workdir)
-    model_cfg = config_lib.model_config(c)
-    if init_path is not None:
-        model_cfg = state_lib.checkpoint_model_config(init_path, model_cfg)
-    module = Exo2Ego(model_cfg)
-    spec = config_lib.stage_spec(c)
-    loss_cfg = config_lib.loss_config(c)
-
-    data = make_data(c, model_cfg, process_index=jax.process_index(), process_count=jax.process_count())
-    steps = total_steps(c, len(data))
-    tx, schedule = make_optimizer(c.optim, steps)
-    layout = state_lib.build_layout(module, mesh, spec, tx)
-
-    trainable, frozen = state_lib.init_params(module, mesh, layout, spec, seed=c.seed, frozen_dtype=c.frozen_dtype,
-                                              checkpoint=init_path)
-    n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
-    n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
-    state = state_lib.new_state(trainable, tx, layout, mesh, c.seed)
-    del trainable
+    setup = prepare(c)
+    mesh, module, model_cfg, spec, loss_cfg = setup.mesh, setup.module, setup.model_cfg, setup.spec, setup.loss_cfg
+    data, steps, layout, state, frozen = setup.data, setup.steps, setup.layout, setup.state, setup.frozen
+    n_trainable, n_frozen = setup.n_trainable, setup.n_frozen
 
     checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints,
                                      async_save=c.async_checkpointing)
@@ -154,8 +183,7 @@ def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
     start = start or 0
 
     compute_dtype = jnp.dtype(c.compute_dtype)
-    step_fn = jit_train_step(make_train_step(module, spec, loss_cfg, tx, schedule, microbatches=c.microbatches,
-                                             compute_dtype=compute_dtype), layout)
+    step_fn = setup.step_fn
     eval_fn = None
     if c.eval_every > 0:
         eval_data = make_data(c, model_cfg, process_index=jax.process_index(), process_count=jax.process_count(),

@@ -57,9 +57,10 @@ def make_train_step(module, spec: StageSpec, loss_cfg: LossConfig, tx, schedule,
             (grads, metrics), _ = jax.lax.scan(body, init, (micro, rngs))
             grads = jax.tree.map(lambda g: g / microbatches, grads)
             metrics = {k: (v if k == "num_targets" else v / microbatches) for k, v in metrics.items()}
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.global_norm(grads)
+            updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+            new_trainable = optax.apply_updates(trainable, updates)
         metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state["step"]),
                        finite=jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm))
         new_state = dict(step=state["step"] + 1, trainable=new_trainable, opt_state=opt_state,

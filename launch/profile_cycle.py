@@ -1,0 +1,113 @@
+"""Profile the stage-2 cycle-consistency train step with XLA's tools.
+
+  python launch/profile_cycle.py --config configs/stage2.py:tiny --trace_dir /tmp/profile_stage2
+  python launch/profile_cycle.py --config configs/stage2.py:7b --trace_dir $OUT/profile --steps 5   # GPU
+
+Writes into --trace_dir: hlo/stage2_step.{stablehlo.mlir,after_optimizations.hlo.txt} (only this module),
+cost_analysis.json (FLOPs, bytes accessed), memory_analysis.json, a jax.profiler trace of --steps steps after
+--warmup that TensorBoard/XProf opens (plugins/profile/...), and summary.json; prints the step time, achieved
+TFLOP/s, the share of time in CLIP, mappers, losses, STC, LLM and the optimizer, and the top ops by time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "stage2.py") + ":tiny",
+                                "a stage-2 config file with :preset", lock_config=True)
+flags.DEFINE_string("trace_dir", None, "output folder", required=True)
+flags.DEFINE_integer("steps", 3, "profiled steps")
+flags.DEFINE_integer("warmup", 2, "steps before the trace starts")
+flags.DEFINE_integer("top", 10, "how many top ops to print")
+FLAGS = flags.FLAGS
+
+
+def analysis_to_dict(obj) -> dict:
+    if obj is None:
+        return {}
+    if isinstance(obj, dict):
+        return {k: float(v) for k, v in obj.items() if isinstance(v, (int, float))}
+    return {k: getattr(obj, k) for k in dir(obj) if not k.startswith("_") and isinstance(getattr(obj, k), (int, float))}
+
+
+def profile(c, trace_dir: str, *, steps: int, warmup: int, top: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from exo2ego_jax.bench.profile import attribute, hlo_op_names, load_trace_events
+    from exo2ego_jax.bench.timing import device_kind, print_table
+    from exo2ego_jax.train.loop import global_batch, prepare, to_model_batch
+
+    if c.stage != "stage2":
+        raise ValueError(f"config field 'stage' is {c.stage!r}: this tool profiles the stage-2 step (configs/stage2.py)")
+    c.unlock()
+    c.export.enabled = False
+    setup = prepare(c)
+    batch = global_batch(to_model_batch(next(setup.data), jnp.dtype(c.compute_dtype)), setup.layout.batch)
+    os.makedirs(os.path.join(trace_dir, "hlo"), exist_ok=True)
+    with jax.set_mesh(setup.mesh):
+        lowered = setup.step_fn.lower(setup.state, setup.frozen, batch)
+        t = time.perf_counter()
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - t
+    with open(os.path.join(trace_dir, "hlo", "stage2_step.stablehlo.mlir"), "w") as f:
+        f.write(lowered.as_text())
+    hlo_text = compiled.as_text()
+    with open(os.path.join(trace_dir, "hlo", "stage2_step.after_optimizations.hlo.txt"), "w") as f:
+        f.write(hlo_text)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = analysis_to_dict(cost)
+    memory = analysis_to_dict(compiled.memory_analysis())
+    json.dump(cost, open(os.path.join(trace_dir, "cost_analysis.json"), "w"), indent=2)
+    json.dump(memory, open(os.path.join(trace_dir, "memory_analysis.json"), "w"), indent=2)
+
+    state, frozen = setup.state, setup.frozen
+    with jax.set_mesh(setup.mesh):
+        for _ in range(warmup):
+            state, metrics = compiled(state, frozen, batch)
+        jax.block_until_ready(state)
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            t = time.perf_counter()
+            for i in range(steps):
+                with jax.profiler.StepTraceAnnotation("train", step_num=i):
+                    state, metrics = compiled(state, frozen, batch)
+                    jax.block_until_ready(metrics)
+            step_s = (time.perf_counter() - t) / steps
+    rows, top_ops = attribute(load_trace_events(trace_dir), hlo_op_names(hlo_text), steps=steps, step_time_s=step_s,
+                              top=top)
+    flops = cost.get("flops", 0.0)
+    summary = dict(device=device_kind(), preset=c.preset, step_time_s=step_s, compile_s=compile_s, flops=flops,
+                   bytes_accessed=cost.get("bytes accessed", 0.0), tflops_per_s=flops / step_s / 1e12,
+                   components=rows, top_ops=top_ops, memory=memory,
+                   loss={k: float(v) for k, v in jax.device_get(metrics).items()})
+    json.dump(summary, open(os.path.join(trace_dir, "summary.json"), "w"), indent=2)
+
+    print(f"stage-2 step on {summary['device']} ({c.preset}): {step_s * 1e3:.2f} ms/step, "
+          f"{flops / 1e9:.2f} GFLOP/step (XLA cost analysis), {summary['tflops_per_s']:.3f} TFLOP/s, "
+          f"compile {compile_s:.1f} s")
+    print_table([dict(r, ms=r["seconds"] * 1e3, pct=100 * r["share"]) for r in rows],
+                [("component", "component", ""), ("ms", "ms/step", ".3f"), ("pct", "% of step", ".1f")])
+    print()
+    print_table([dict(o, ms=o["seconds"] * 1e3, op_name=o["op_name"][-90:]) for o in top_ops],
+                [("op", "HLO op", ""), ("component", "component", ""), ("ms", "ms/step", ".3f"),
+                 ("op_name", "op_name (tail)", "")])
+    print(f"\ntrace: {trace_dir} (tensorboard --logdir {trace_dir}, Profile tab; or ui.perfetto.dev on "
+          "plugins/profile/*/perfetto_trace.json.gz)")
+    return summary
+
+
+def main(argv):
+    del argv
+    profile(FLAGS.config, FLAGS.trace_dir, steps=FLAGS.steps, warmup=FLAGS.warmup, top=FLAGS.top)
+
+
+if __name__ == "__main__":
+    app.run(main)
