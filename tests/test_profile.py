@@ -43,3 +43,20 @@ def test_profile_cycle_tiny(tmp_path, capsys):
 def test_profile_cycle_rejects_other_stages(tmp_path):
     with pytest.raises(ValueError, match="profiles the stage-2 step"):
         load_tool().profile(stage_config("stage3"), str(tmp_path), steps=1, warmup=0, top=1)
+
+
+def test_bench_tiny_writes_plausible_rows(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_tool", os.path.join(ROOT, "launch", "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.jsonl"
+    bench.main(["--size", "tiny", "--reps", "1", "--only", "stage3,lora_a,decode_a", "--json", str(out)])
+    rows = {r["part"]: r for r in map(json.loads, open(out))}
+    assert set(rows) == {"stage3", "lora_B2_S64", "decode_B1"}
+    stage3 = rows["stage3"]
+    assert stage3["useful_tflops"] > 0 and stage3["xla_tflops"] > 0 and stage3["clips_per_s"] > 0
+    # tokens per step = clips x (text - 1 + x and F(x) tokens); tiny: 4 frames on an 8x8 grid -> 3x5x5 = 75 each
+    assert stage3["tokens_per_s"] * stage3["step_s"] == pytest.approx(2 * (16 - 1 + 2 * 75), rel=1e-6)
+    assert rows["lora_B2_S64"]["tokens_per_s"] * rows["lora_B2_S64"]["step_s"] == pytest.approx(128)
+    assert rows["decode_B1"]["new_tokens_per_s"] > 0 and rows["decode_B1"]["ms_per_token"] > 0
+    assert "| stage3 |" in capsys.readouterr().out
