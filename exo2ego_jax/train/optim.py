@@ -1,7 +1,6 @@
 """AdamW with warmup + cosine (or linear/constant) decay, global-norm clipping, no decay on norms/biases."""
 from __future__ import annotations
 
-import jax
 import optax
 from flax import traverse_util
 
@@ -38,7 +37,3 @@ def make_optimizer(optim, total_steps: int):
     parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
                              mask=lambda p: decay_mask(p, tuple(optim.no_decay))))
     return optax.chain(*parts), schedule
-
-
-def global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree)

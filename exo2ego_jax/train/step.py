@@ -58,7 +58,7 @@ def make_train_step(module, spec: StageSpec, loss_cfg: LossConfig, tx, schedule,
             grads = jax.tree.map(lambda g: g / microbatches, grads)
             metrics = {k: (v if k == "num_targets" else v / microbatches) for k, v in metrics.items()}
         with jax.named_scope("optimizer"):
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, state["opt_state"], trainable)
             new_trainable = optax.apply_updates(trainable, updates)
         metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state["step"]),
