@@ -226,3 +226,12 @@ def test_load_pretrained_on_a_non_checkpoint(tmp_path):
     import exo2ego_jax
     with pytest.raises(FileNotFoundError, match="model_config.json is missing"):
         exo2ego_jax.load_pretrained(str(tmp_path))
+
+
+def test_tokenizer_files_are_copied(hf_clip, tmp_path):
+    shutil.copytree(hf_clip[1], tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text('{"version": "1.0"}')
+    (tmp_path / "hf" / "tokenizer_config.json").write_text("{}")
+    summary = convert_clip(str(tmp_path / "hf"), str(tmp_path / "out"), show_progress=False)
+    assert summary["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json"]
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"version": "1.0"}'

@@ -317,3 +317,40 @@ def test_every_preset_validates(stage_file, preset):
         if stage_file == "stage3":
             assert (model.llm.lora.rank, model.llm.lora.alpha, model.llm.lora.dropout) == (128, 256.0, 0.1)
             assert c.optim.learning_rate == 2e-5
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    """microbatches=2 averages two half-batch gradients; with equal target counts per example (the synthetic
+    set: 2 answer tokens each) that is the full-batch gradient."""
+    from exo2ego_jax.train.loop import train
+    common = dict(num_train_steps=2, batch_size=4, checkpoint_every=100,
+                  **{"data.num_examples": 4, "mesh.shape": (1, 1, 1), "mesh.num_devices": 1,
+                     "optim.learning_rate": 1e-4})
+    one = train(stage_config("stage1", **common), str(tmp_path / "one"), show_progress=False)
+    two = train(stage_config("stage1", microbatches=2, **common), str(tmp_path / "two"), show_progress=False)
+    for a, b in zip(one.metrics, two.metrics):
+        for key in ("loss", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+
+
+def test_stage_starts_from_a_converted_videollama2_checkpoint(tmp_path):
+    """init.checkpoint = a converted VideoLLaMA2 checkpoint: its architecture, the run's LoRA and dtypes."""
+    from tests.test_exo2ego import build_videollama2
+    from exo2ego_jax.convert import convert_videollama2
+    from exo2ego_jax.train.loop import train
+    build_videollama2(str(tmp_path / "vl2"))
+    convert_videollama2(str(tmp_path / "vl2"), str(tmp_path / "ckpt"), dtype="float32", mapper_width=4,
+                        mapper_blocks=1, show_progress=False)
+    c = stage_config("stage3", num_train_steps=2, batch_size=2, checkpoint_every=100,
+                     **{"data.num_examples": 2, "mesh.shape": (1, 1, 1), "mesh.num_devices": 1,
+                        "init.checkpoint": str(tmp_path / "ckpt"), "export.merge_lora": False})
+    result = train(c, str(tmp_path / "run"), show_progress=False)
+    assert len(result.metrics) == 2 and all(np.isfinite(m["loss"]) for m in result.metrics)
+    module, exported = exo2ego_jax.load_pretrained(result.export_dir)
+    _, converted = exo2ego_jax.load_pretrained(str(tmp_path / "ckpt"))
+    assert module.config.llm.hidden_size == 64 and module.config.llm.lora.rank == c.lora.rank
+    # frozen: the exo tower and G are exactly the converted ones; LoRA adapters exist and moved
+    np.testing.assert_array_equal(np.asarray(exported["exo_encoder"]["pre_layrnorm"]["scale"]),
+                                  np.asarray(converted["exo_encoder"]["pre_layrnorm"]["scale"]))
+    lora_b = flat(exported["llm"])["decoder/layers/mlp/down_proj/lora_b"]
+    assert float(np.abs(np.asarray(lora_b)).max()) > 0
