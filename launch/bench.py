@@ -42,22 +42,11 @@ SIZES = {
 
 
 def stage_config(stage: str, preset: str, **overrides):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"cfg_{stage}", os.path.join(ROOT, "configs", f"{stage}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(preset)
-    c.init.checkpoint, c.init.from_workdir, c.init.allow_random = "", "", True
-    c.data.source = "synthetic"
-    c.mesh.shape, c.mesh.num_devices = (1, 1, 1), 1
-    c.export.enabled = False
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    """A stage config on random weights and in-memory data, on one device (the bench's setting)."""
+    from exo2ego_jax.train.config import load_config_file
+    base = {"init.checkpoint": "", "init.from_workdir": "", "init.allow_random": True, "data.source": "synthetic",
+            "mesh.shape": (1, 1, 1), "mesh.num_devices": 1, "export.enabled": False}
+    return load_config_file(os.path.join(ROOT, "configs", f"{stage}.py"), preset, {**base, **overrides})
 
 
 def llm_useful_flops(cfg, lora_rank: int, tokens: int, seq: int, batch: int) -> float:

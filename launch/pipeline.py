@@ -9,7 +9,6 @@ Prints one line per stage (first/last loss, time) and checks that the stage-3 ex
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -22,10 +21,8 @@ STAGES = ("stage0", "stage1", "stage2", "stage3")
 
 
 def load_config(stage: str, preset: str):
-    spec = importlib.util.spec_from_file_location(f"config_{stage}", os.path.join(ROOT, "configs", f"{stage}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+    from exo2ego_jax.train.config import load_config_file
+    return load_config_file(os.path.join(ROOT, "configs", f"{stage}.py"), preset)
 
 
 def main(argv=None) -> int:

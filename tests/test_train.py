@@ -1,6 +1,5 @@
 """Training: every stage learns on a tiny fixed dataset with frozen params untouched; sharded == single
 device; kill-and-resume is exact; 2-process jax.distributed == 1 process; bad inputs are clear errors."""
-import importlib.util
 import json
 import os
 import signal
@@ -21,17 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def stage_config(stage_file, preset="tiny", **overrides):
-    spec = importlib.util.spec_from_file_location(f"cfg_{stage_file}", os.path.join(ROOT, "configs", f"{stage_file}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(preset)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    from exo2ego_jax.train.config import load_config_file
+    return load_config_file(os.path.join(ROOT, "configs", f"{stage_file}.py"), preset, overrides)
 
 
 def read_metrics(workdir):

@@ -97,3 +97,23 @@ def as_plain(value: Any):
     if hasattr(value, "to_dict"):
         return value.to_dict()
     return value
+
+
+def load_config_file(path: str, preset: str, overrides: dict | None = None):
+    """`get_config(preset)` of a config file, with dotted-key overrides ({"optim.learning_rate": 1e-4})."""
+    import importlib.util
+    import os
+    name = "config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(preset)
+    for key, value in (overrides or {}).items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
