@@ -84,9 +84,7 @@ def load_pretrained(path: str, *, dtype: Optional[Any] = None, mesh: Optional[ja
             raise ValueError(f"param {p!r} is required by the requested config but missing from {path!r}")
         key, sub = jax.random.split(key)
         want_dtype = store_dtype or jnp.float32
-        value = (peft_kaiming_uniform(sub, s.shape[-2:], jnp.float32) if p.endswith("lora_a")
-                 else jnp.zeros(s.shape[-2:], jnp.float32))
-        value = jnp.broadcast_to(value, s.shape) if p.endswith("lora_b") else _per_layer_init(sub, s.shape)
+        value = _per_layer_init(sub, s.shape) if p.endswith("lora_a") else jnp.zeros(s.shape, jnp.float32)
         flat[p] = jax.device_put(value.astype(want_dtype), sharding_flat.get(p, default))
     extra = sorted(set(flat) - set(target_flat))
     if extra:
