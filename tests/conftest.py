@@ -69,3 +69,13 @@ def hf_mistral_window(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def llm(hf_mistral, tmp_path_factory):
+    """The tiny HF Mistral converted (float32, scanned) and loaded: `(module, params)`."""
+    import exo2ego_jax
+    from exo2ego_jax.convert import convert_mistral
+    path = str(tmp_path_factory.mktemp("mistral_converted"))
+    convert_mistral(hf_mistral[1], path, dtype="float32", show_progress=False)
+    return exo2ego_jax.load_pretrained(path)

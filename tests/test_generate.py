@@ -5,15 +5,7 @@ import jax
 import jax.numpy as jnp
 
 import exo2ego_jax
-from exo2ego_jax.convert import convert_mistral
 from exo2ego_jax.generate import generate, sample_token
-
-
-@pytest.fixture(scope="module")
-def llm(hf_mistral, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("gen_mistral"))
-    convert_mistral(hf_mistral[1], path, dtype="float32", show_progress=False)
-    return exo2ego_jax.load_pretrained(path)
 
 
 def argmax_reference(module, params, prompt, steps):

@@ -4,15 +4,7 @@ import pytest
 import jax
 
 import exo2ego_jax
-from exo2ego_jax.convert import convert_mistral
 from exo2ego_jax.eval.scoring import build_option_rows, choose_by_likelihood, option_losses
-
-
-@pytest.fixture(scope="module")
-def llm(hf_mistral, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("score_mistral"))
-    convert_mistral(hf_mistral[1], path, dtype="float32", show_progress=False)
-    return exo2ego_jax.load_pretrained(path)
 
 
 def manual_loss(module, params, prompt, option):
