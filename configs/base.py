@@ -75,8 +75,19 @@ def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.num_epochs = 1.0
     c.num_train_steps = -1    # > 0 overrides num_epochs
 
+    # Data: `synthetic` is an in-memory toy set; ego_exo_clip / ego_it / records read TFDS records built by
+    # `python -m exo2ego_jax.data.build` under `root` through the Grain pipeline (exo2ego_jax/data/loader.py).
+    # seq_len caps the text ids before the visual tokens are spliced (VideoLLaMA2's model_max_length 2048);
+    # batches are padded to the smallest of text_buckets that fits. The tokenizer defaults to init.checkpoint's.
     c.data = ml_collections.ConfigDict(dict(source="synthetic", root="", split="train", num_examples=16,
-                                            seq_len=16, worker_count=0, shuffle=True, eval_split=""))
+                                            seq_len=16, worker_count=0, shuffle=True, eval_split="",
+                                            tokenizer="", aspect="crop", text_buckets=()))
+    if preset == "7b":  # records built by exo2ego_jax.data.build; the tokenizer of the converted checkpoint
+        c.data.update(dict(root="/data/records", tokenizer="/ckpt/jax/videollama2-7b-16f", seq_len=2048,
+                           text_buckets=(256, 512, 1024, 2048), worker_count=8, eval_split="val"))
+    if preset == "demo":  # launch/demo.py writes the synthetic records and tokenizer here (or overrides them)
+        c.data.update(dict(root="/tmp/exo2ego_demo/data/records", tokenizer="/tmp/exo2ego_demo/data/tokenizer",
+                           seq_len=128, text_buckets=(32, 64, 128), eval_split="val"))
     c.log_every = 1
     c.eval_every = 0          # 0: no periodic eval
     c.eval_batches = 2

@@ -22,5 +22,6 @@ def get_config(preset: str = "tiny"):
         c.batch_size = 512
         c.microbatches = 64
         c.init.checkpoint = "/ckpt/jax/videollama2-7b-16f"  # a converted VideoLLaMA2 checkpoint
+    if preset != "tiny":  # records from exo2ego_jax.data.build (demo: the synthetic ego-exo set)
         c.data.source = "ego_exo_clip"
     return c

@@ -22,5 +22,6 @@ def get_config(preset: str = "tiny"):
         c.batch_size = 256
         c.microbatches = 32
         c.init.from_workdir = "/workdirs/stage0"
+    if preset != "tiny":  # records from exo2ego_jax.data.build (demo: the synthetic ego-exo set)
         c.data.source = "ego_exo_clip"
     return c

@@ -23,5 +23,6 @@ def get_config(preset: str = "tiny"):
         c.batch_size = 256
         c.microbatches = 64
         c.init.from_workdir = "/workdirs/stage1"
+    if preset != "tiny":  # records from exo2ego_jax.data.build (demo: the synthetic ego-exo set)
         c.data.source = "ego_exo_clip"
     return c

@@ -24,5 +24,6 @@ def get_config(preset: str = "tiny"):
         c.batch_size = 64
         c.microbatches = 32
         c.init.from_workdir = "/workdirs/stage2"
+    if preset != "tiny":  # records from exo2ego_jax.data.build (demo: the synthetic ego-exo set)
         c.data.source = "ego_it"
     return c

@@ -286,11 +286,12 @@ def test_stage3_without_lora_keeps_llm_frozen():
     assert not any("lora" in p for p in spec.trainable) and "connector/.*" in spec.trainable
 
 
-def test_real_data_source_without_loaders_is_a_clear_error(monkeypatch):
+def test_real_data_source_without_root_is_a_clear_error():
     from exo2ego_jax.train.config import ConfigError, validate
-    monkeypatch.setitem(sys.modules, "exo2ego_jax.data.loader", None)  # loaders absent (as on this build)
-    with pytest.raises(ConfigError, match="data.source"):
+    with pytest.raises(ConfigError, match="data.root"):
         validate(stage_config("stage3", **{"data.source": "ego_it"}))
+    with pytest.raises(ConfigError, match="data.aspect"):
+        validate(stage_config("stage3", **{"data.aspect": "stretch"}))
 
 
 @pytest.mark.parametrize("stage_file", ["stage0", "stage1", "stage2", "stage3"])

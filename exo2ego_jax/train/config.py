@@ -49,12 +49,16 @@ def validate(c) -> None:
     _require(len(tuple(c.mesh.shape)) == 3, "mesh.shape", f"needs 3 entries (data, fsdp, tensor), got {c.mesh.shape}")
     _require(not (c.init.checkpoint and c.init.from_workdir), "init.checkpoint",
              "set init.checkpoint or init.from_workdir, not both")
+    _require(c.data.seq_len > 0, "data.seq_len", f"must be positive, got {c.data.seq_len}")
+    _require(c.data.worker_count >= 0, "data.worker_count", f"must be >= 0, got {c.data.worker_count}")
+    _require(c.data.aspect in ("crop", "pad"), "data.aspect", f"{c.data.aspect!r} is not 'crop' or 'pad'")
+    _require(all(int(b) > 0 for b in c.data.text_buckets), "data.text_buckets",
+             f"must be positive lengths, got {tuple(c.data.text_buckets)}")
     if c.data.source != "synthetic":
-        try:
-            import exo2ego_jax.data.loader  # noqa: F401
-        except ImportError:
-            raise ConfigError(f"config field 'data.source': {c.data.source!r} needs the Grain record loaders "
-                              "(exo2ego_jax.data), which this build does not have yet; use data.source='synthetic'")
+        _require(bool(c.data.root), "data.root", f"is empty; data.source={c.data.source!r} reads records built by "
+                 "`python -m exo2ego_jax.data.build ... --out DIR`: set data.root=DIR")
+        _require(bool(c.data.tokenizer or c.init.checkpoint or c.init.from_workdir), "data.tokenizer",
+                 "is empty and no init checkpoint holds a tokenizer; set data.tokenizer to a folder with tokenizer.json")
     # Constructing the dataclasses runs their own checks; re-raise them as ConfigErrors with the section.
     for section, build in (("model", lambda: model_config(c)), ("loss", lambda: loss_config(c)),
                            ("trainable", lambda: stage_spec(c))):

@@ -260,7 +260,7 @@ def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
 
 def evaluate(eval_fn, eval_data, trainable, frozen, layout, mesh, c, compute_dtype) -> dict:
     """Mean eval metrics over the first `eval_batches` batches of the eval split (the same ones each time)."""
-    eval_data.set_state({"position": 0, "seed": eval_data.seed, "global_batch": eval_data.global_batch})
+    eval_data.reset()
     totals: dict = {}
     for _ in range(c.eval_batches):
         batch = global_batch(to_model_batch(next(eval_data), compute_dtype), layout.batch)

@@ -93,6 +93,9 @@ class BatchIterator:
         batch["_global_rows"] = np.asarray(rows, np.int64)
         return batch
 
+    def reset(self) -> None:
+        self._position = 0
+
     def get_state(self) -> dict:
         return {"position": int(self._position), "seed": self.seed, "global_batch": self.global_batch}
 

@@ -1,0 +1,223 @@
+"""Grain pipeline from clip records to training batches: `make_iterator(c, model_cfg, ...)`.
+
+records (tfds.data_source) -> per-process shard -> shuffle (seeded, per epoch) -> CLIP preprocessing of the
+stored uint8 frames (resize + centre crop, or pad-to-square) -> tokenisation (AutoTokenizer from the checkpoint
+folder, VideoLLaMA2 v1 chat template for conversations, `<video> caption` for clip-text) with text truncated to
+`data.seq_len` before the visual tokens are spliced -> batches padded to the smallest `data.text_buckets` entry
+that fits (fewer distinct shapes, fewer recompiles).
+
+The iterator keeps the contract of `train.synthetic.BatchIterator`: `next()` gives this process's rows of the
+next global batch as numpy, `get_state()` / `set_state()` (JSON-serialisable, saved with the train state)
+resume exactly, `len()` is the number of records, `reset()` restarts from the first batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from exo2ego_jax.data import template
+from exo2ego_jax.data.preprocess import clip_frames
+from exo2ego_jax.data.records import decode_text, open_records
+
+IGNORE_INDEX = template.IGNORE_INDEX
+DATASET_NAMES = {"ego_exo_clip": "ego_exo_clip", "ego_it": "ego_it", "records": ""}
+
+
+def dataset_root(c) -> str:
+    """`data.root` is the records folder of `build --out`; the source picks the dataset inside it."""
+    if not c.data.root:
+        raise ValueError(f"config field 'data.root' is empty; set it to the folder given to "
+                         f"`python -m exo2ego_jax.data.build ... --out` (data.source={c.data.source!r})")
+    name = DATASET_NAMES[c.data.source]
+    root = os.path.join(c.data.root, name) if name and os.path.isdir(os.path.join(c.data.root, name)) else c.data.root
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"config field 'data.root': {root!r} does not exist; build the records first "
+                                f"(python -m exo2ego_jax.data.build {c.data.source} --out {c.data.root})")
+    return root
+
+
+def tokenizer_path(c) -> str:
+    """`data.tokenizer`, else the init checkpoint folder (converters copy the tokenizer files there)."""
+    for path in (c.data.get("tokenizer", ""), c.init.checkpoint):
+        if path:
+            return path
+    raise ValueError("config field 'data.tokenizer' is empty and there is no init.checkpoint to take the tokenizer "
+                     "from; set data.tokenizer to a folder with tokenizer.json (a converted checkpoint)")
+
+
+class ToExample:
+    """Record -> model example (uint8 frames at the model's size, ids, labels). Tokenizer loaded lazily per
+    process (Grain workers unpickle this object; tokenizers are not shipped between processes)."""
+
+    def __init__(self, tokenizer_dir: str, *, seq_len: int, image_size: int, num_frames: int, aspect: str,
+                 views: Sequence[str], system_prompt: Optional[str] = template.SYSTEM_PROMPT):
+        self.tokenizer_dir, self.seq_len, self.image_size = tokenizer_dir, seq_len, image_size
+        self.num_frames, self.aspect, self.views, self.system_prompt = num_frames, aspect, tuple(views), system_prompt
+        self._tokenizer = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_tokenizer"] = None
+        return state
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from exo2ego_jax.data.tokenizer import load_tokenizer
+            self._tokenizer = load_tokenizer(self.tokenizer_dir)
+        return self._tokenizer
+
+    def __call__(self, record: dict) -> dict:
+        uid = decode_text(record["uid"])
+        conversations = decode_text(record["conversations"])
+        if conversations:
+            tok = template.tokenize_conversation(self.tokenizer, json.loads(conversations), system=self.system_prompt,
+                                                 max_len=self.seq_len, source=uid)
+        else:
+            tok = template.tokenize_caption(self.tokenizer, decode_text(record["text"]), max_len=self.seq_len)
+        out = {"input_ids": tok.input_ids, "labels": tok.labels}
+        for view in self.views:
+            frames = record[f"{view}_frames"]
+            if frames.shape[0] == 0:
+                raise ValueError(f"record {uid!r} has no {view} frames but this stage needs the {view} view; train "
+                                 f"this stage on synchronised ego-exo records (data.source='ego_exo_clip')")
+            if frames.shape[0] != self.num_frames:
+                raise ValueError(f"record {uid!r} has {frames.shape[0]} frames, the model takes {self.num_frames}; "
+                                 f"rebuild the records with --num_frames {self.num_frames}")
+            out[f"{view}_frames"] = clip_frames(frames, self.image_size, self.aspect)
+        return out
+
+
+def bucket_length(length: int, buckets: Sequence[int], seq_len: int) -> int:
+    for b in sorted(buckets):
+        if b >= length:
+            return min(b, seq_len)
+    return seq_len
+
+
+def collate(examples: Sequence[dict], *, buckets: Sequence[int], seq_len: int, pad_id: int) -> dict:
+    """Right-pad ids/labels to one bucket length; stack frames."""
+    width = bucket_length(max(len(e["input_ids"]) for e in examples), buckets, seq_len)
+    n = len(examples)
+    ids = np.full((n, width), pad_id, np.int32)
+    labels = np.full((n, width), IGNORE_INDEX, np.int32)
+    mask = np.zeros((n, width), bool)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k], labels[i, :k], mask[i, :k] = e["input_ids"], e["labels"], True
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    for key in ("ego_frames", "exo_frames"):
+        if key in examples[0]:
+            out[key] = np.stack([e[key] for e in examples])
+    return out
+
+
+def stage_views(c) -> tuple[str, ...]:
+    from exo2ego_jax.train.config import stage_spec
+    spec = stage_spec(c)
+    return ("ego", "exo") if spec.guidance else (spec.view,)
+
+
+class _Collate:
+    """Picklable batch function for Grain's Batch."""
+
+    def __init__(self, buckets, seq_len, pad_id):
+        self.buckets, self.seq_len, self.pad_id = tuple(buckets), seq_len, pad_id
+
+    def __call__(self, examples):
+        return collate(examples, buckets=self.buckets, seq_len=self.seq_len, pad_id=self.pad_id)
+
+
+class GrainBatchIterator:
+    """Resumable batches of one process's shard of a record split."""
+
+    def __init__(self, source, to_example: ToExample, *, global_batch: int, seed: int, shuffle: bool,
+                 process_index: int, process_count: int, worker_count: int, buckets: Sequence[int], pad_id: int,
+                 num_epochs: Optional[int] = None):
+        import grain.python as grain
+        if global_batch % process_count:
+            raise ValueError(f"global batch {global_batch} is not divisible by the {process_count} processes")
+        self.global_batch, self.local_batch = global_batch, global_batch // process_count
+        self.seed, self.worker_count, self.num_records = seed, worker_count, len(source)
+        shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
+        if self.num_records // process_count < self.local_batch:
+            raise ValueError(f"{self.num_records} records split over {process_count} processes leave fewer than one "
+                             f"batch of {self.local_batch} per process; lower batch_size or add data")
+        sampler = grain.IndexSampler(num_records=self.num_records, shard_options=shard, shuffle=shuffle,
+                                     num_epochs=num_epochs, seed=seed)
+        if worker_count > 0:
+            _mark_flags_parsed()
+        self._loader = grain.DataLoader(
+            data_source=source, sampler=sampler, worker_count=worker_count, shard_options=shard,
+            operations=[_Map(to_example), grain.Batch(self.local_batch, drop_remainder=True,
+                                                       batch_fn=_Collate(buckets, to_example.seq_len, pad_id))])
+        self._iter = iter(self._loader)
+
+    def __len__(self) -> int:
+        return self.num_records
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._iter)
+
+    def reset(self) -> None:
+        self._iter = iter(self._loader)
+
+    def get_state(self) -> dict:
+        state = self._iter.get_state()
+        return {"grain": state.decode() if isinstance(state, bytes) else state, "global_batch": self.global_batch,
+                "worker_count": self.worker_count, "seed": self.seed}
+
+    def set_state(self, state: dict) -> None:
+        if "grain" not in state:
+            raise ValueError("the checkpoint's data state is not a Grain loader state (was it written with "
+                             "data.source='synthetic'?); resume with the same data.source")
+        for key in ("global_batch", "worker_count"):
+            if state.get(key, getattr(self, key)) != getattr(self, key):
+                raise ValueError(f"the checkpointed data iterator used {key}={state[key]}, this run uses "
+                                 f"{getattr(self, key)}: Grain state only restores with the same value; set it back")
+        self._iter.set_state(state["grain"].encode())
+
+
+def _map_class():
+    import grain.python as grain
+
+    class Map(grain.MapTransform):
+        def __init__(self, fn):
+            self.fn = fn
+
+        def map(self, element):
+            return self.fn(element)
+
+    return Map
+
+
+def _Map(fn):  # noqa: N802 (a class factory: grain is imported lazily)
+    return _map_class()(fn)
+
+
+def _mark_flags_parsed() -> None:
+    """Grain 0.2.18 workers read absl flags; outside absl.app they are unparsed (ENVIRONMENT.md)."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_iterator(c, model_cfg, *, process_index: int = 0, process_count: int = 1, split: str = "train"):
+    """The training (or eval) batch iterator for config `c` (data.source one of ego_exo_clip / ego_it / records)."""
+    from exo2ego_jax.data.tokenizer import load_tokenizer
+    record_split = c.data.split if split == "train" else (c.data.eval_split or "val")
+    source = open_records(dataset_root(c), record_split)
+    tok_dir = tokenizer_path(c)
+    pad_id = load_tokenizer(tok_dir).pad_token_id
+    to_example = ToExample(tok_dir, seq_len=c.data.seq_len, image_size=model_cfg.clip.image_size,
+                           num_frames=model_cfg.num_frames, aspect=c.data.get("aspect", "crop"), views=stage_views(c))
+    return GrainBatchIterator(source, to_example, global_batch=c.batch_size, seed=c.seed,
+                              shuffle=bool(c.data.shuffle) and split == "train", process_index=process_index,
+                              process_count=process_count, worker_count=c.data.worker_count,
+                              buckets=tuple(c.data.get("text_buckets", ())), pad_id=pad_id)

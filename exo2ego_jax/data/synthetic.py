@@ -1,0 +1,273 @@
+"""The synthetic ego-exo dataset: rendered takes written in the real formats, then built by the real builders.
+
+Deterministic from a seed. Each take is a tabletop scene with coloured objects; an actor performs a sequence
+of actions (lift, push left/right, shake) on them. Every frame is rendered at the same instant by three
+cameras that look at one scene function:
+  * `aria01` (ego): a zoomed first-person view that follows the actor's hand and sways as the head moves;
+  * `cam01`, `cam02` (exo): fixed third-person views of the whole table (cam02 from the other side).
+The output is a miniature Ego-Exo4D download (`takes.json`, `annotations/atomic_descriptions_{train,val}.json`,
+frame-aligned MP4s) plus EgoIT conversation JSON and held-out multiple-choice items, so the demo and the tests
+go through exactly the code real data goes through: `build` runs `build_ego_exo_clip` and `build_ego_it`.
+Narrations come from a small grammar ("C lifts the red cube").
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from typing import Optional
+
+import numpy as np
+
+from exo2ego_jax.data.video import write_video
+
+COLOURS = {"red": (210, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 210), "yellow": (220, 200, 40)}
+SHAPES = ("cube", "ball")
+ACTIONS = ("lifts", "pushes left", "pushes right", "shakes")
+VERB_FORMS = {"lifts": ("lifts", "picks up"), "pushes left": ("pushes", "slides"), "pushes right": ("pushes", "slides"),
+              "shakes": ("shakes", "wiggles")}
+FPS = 30
+MC_QUESTION = "What does the camera wearer do in this video?"
+LETTERS = "ABCDE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    train_takes: int
+    val_takes: int
+    actions_per_take: int
+    action_seconds: float
+    width: int
+    height: int
+    num_frames: int     # frames per record (the model's num_frames)
+    store_size: int     # short side of stored frames (the model's image size)
+
+
+PRESETS = {
+    "demo": Preset(train_takes=20, val_takes=6, actions_per_take=6, action_seconds=1.0, width=64, height=48,
+                   num_frames=4, store_size=32),
+    "tests": Preset(train_takes=2, val_takes=1, actions_per_take=3, action_seconds=0.8, width=48, height=32,
+                    num_frames=4, store_size=16),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    action: str
+    colour: str
+    shape: str
+    start: float
+    end: float
+    narration: str
+
+
+def narration(action: str, colour: str, shape: str, rng: random.Random) -> str:
+    verb = rng.choice(VERB_FORMS[action])
+    tail = {"pushes left": " to the left", "pushes right": " to the right"}.get(action, "")
+    return f"C {verb} the {colour} {shape}{tail}"
+
+
+def canonical(action: str, colour: str, shape: str) -> str:
+    """The one phrasing used for answers and options (narrations vary their verbs)."""
+    tail = {"pushes left": " to the left", "pushes right": " to the right"}.get(action, "")
+    verb = {"pushes left": "pushes", "pushes right": "pushes"}.get(action, action)
+    return f"C {verb} the {colour} {shape}{tail}"
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+def _objects(rng: np.random.Generator):
+    names = list(COLOURS)
+    picks = rng.permutation(len(names))[:3]
+    xs = np.array([0.25, 0.5, 0.75]) + rng.uniform(-0.04, 0.04, 3)
+    return [dict(colour=names[p], shape=SHAPES[int(rng.integers(2))], x=float(x), y=0.62) for p, x in zip(picks, xs)]
+
+
+def _offset(action: str, phase: float) -> tuple[float, float]:
+    """Object displacement (dx, dy) at `phase` in [0, 1] of the action."""
+    bump = np.sin(np.pi * phase)
+    if action == "lifts":
+        return 0.0, -0.22 * bump
+    if action == "pushes left":
+        return -0.12 * phase, 0.0
+    if action == "pushes right":
+        return 0.12 * phase, 0.0
+    return 0.05 * np.sin(6 * np.pi * phase), 0.0  # shakes
+
+
+def _state(objects, events, t: float):
+    """Object positions and the hand position at time t (the active object is displaced, the hand on it)."""
+    pos = [[o["x"], o["y"]] for o in objects]
+    hand = [0.5, 0.9]
+    for e in events:
+        if t >= e.end:  # pushes are persistent only within their action: objects return between actions
+            continue
+        if e.start <= t < e.end:
+            k = next(i for i, o in enumerate(objects) if o["colour"] == e.colour)
+            dx, dy = _offset(e.action, (t - e.start) / (e.end - e.start))
+            pos[k] = [pos[k][0] + dx, pos[k][1] + dy]
+            hand = [pos[k][0], pos[k][1] + 0.07]
+    return pos, hand
+
+
+def _paint(X, Y, objects, pos, hand, floor, mirror: bool) -> np.ndarray:
+    """Evaluate the scene on world coordinates X, Y (any camera's sampling grid) -> uint8 image."""
+    if mirror:
+        X = 1.0 - X
+    img = np.empty(X.shape + (3,), np.float32)
+    img[...] = floor
+    table = Y > 0.55
+    img[table] = np.asarray(floor) * 0.75
+    for o, (x, y) in zip(objects, pos):
+        if o["shape"] == "cube":
+            inside = (np.abs(X - x) < 0.06) & (np.abs(Y - y) < 0.06)
+        else:
+            inside = (X - x) ** 2 + (Y - y) ** 2 < 0.065 ** 2
+        img[inside] = COLOURS[o["colour"]]
+    body = (np.abs(X - hand[0]) < 0.07) & (Y > hand[1] + 0.05)
+    img[body] = (60, 60, 70)
+    img[(X - hand[0]) ** 2 + (Y - hand[1]) ** 2 < 0.035 ** 2] = (230, 180, 150)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def render_take(objects, events, duration: float, width: int, height: int, rng: np.random.Generator):
+    """-> {'aria01': frames, 'cam01': frames, 'cam02': frames}, uint8 [T, H, W, 3], one instant per row."""
+    n = int(round(duration * FPS))
+    u, v = np.meshgrid((np.arange(width) + 0.5) / width, (np.arange(height) + 0.5) / height)
+    floor = np.asarray(rng.integers(150, 230, 3), np.float32)
+    sway = rng.uniform(0, 2 * np.pi)
+    views = {k: np.empty((n, height, width, 3), np.uint8) for k in ("aria01", "cam01", "cam02")}
+    for i in range(n):
+        t = i / FPS
+        pos, hand = _state(objects, events, t)
+        ex, ey = u, 0.15 + 0.85 * v  # exo: the table and everything on it
+        views["cam01"][i] = _paint(ex, ey, objects, pos, hand, floor, mirror=False)
+        views["cam02"][i] = _paint(ex, ey, objects, pos, hand, floor * 0.9, mirror=True)
+        # ego: a 0.45-wide window above the hand, swaying with the head
+        cx = hand[0] + 0.03 * np.sin(2 * np.pi * 0.7 * t + sway)
+        cy = hand[1] - 0.12 + 0.02 * np.cos(2 * np.pi * 0.5 * t + sway)
+        gx, gy = cx + (u - 0.5) * 0.45, cy + (v - 0.5) * 0.45 * height / width
+        views["aria01"][i] = _paint(gx, gy, objects, pos, hand, floor, mirror=False)
+    return views
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def _take_events(objects, preset: Preset, rng: random.Random) -> list[Event]:
+    events, t = [], 0.3
+    for _ in range(preset.actions_per_take):
+        o = rng.choice(objects)
+        action = rng.choice(ACTIONS)
+        events.append(Event(action, o["colour"], o["shape"], t, t + preset.action_seconds,
+                            narration(action, o["colour"], o["shape"], rng)))
+        t += preset.action_seconds + 0.2
+    return events
+
+
+def _options(event: Event, objects, rng: random.Random, k: int = 4) -> tuple[list[str], int]:
+    """The canonical description of `event` and k-1 distractors (other action or other object of the take)."""
+    truth = canonical(event.action, event.colour, event.shape)
+    pool = sorted({canonical(a, o["colour"], o["shape"]) for a in ACTIONS for o in objects} - {truth})
+    options = rng.sample(pool, k - 1) + [truth]
+    rng.shuffle(options)
+    return options, options.index(truth)
+
+
+def write_raw(root: str, *, seed: int = 0, preset: str | Preset = "demo") -> dict:
+    """Write the raw synthetic download under `root`; returns the paths of what was written."""
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    takes, annotations = [], {"train": {}, "val": {}}
+    egoit_items, mcq_items = [], []
+    for k in range(p.train_takes + p.val_takes):
+        split = "train" if k < p.train_takes else "val"
+        take_uid = f"synth{seed:02d}-{k:04d}"
+        name = f"synthetic_kitchen_{k:04d}"
+        objects = _objects(nrng)
+        events = _take_events(objects, p, rng)
+        duration = round(events[-1].end + 0.3, 3)
+        views = render_take(objects, events, duration, p.width, p.height, nrng)
+        rel = {"aria01": "frame_aligned_videos/aria01_214-1.mp4", "cam01": "frame_aligned_videos/cam01.mp4",
+               "cam02": "frame_aligned_videos/cam02.mp4"}
+        for cam, frames in views.items():
+            path = os.path.join(root, "takes", name, rel[cam])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_video(path, frames, fps=FPS)
+        takes.append({
+            "take_uid": take_uid, "take_name": name, "root_dir": f"takes/{name}", "duration_sec": duration,
+            "best_exo": "cam01", "parent_task_name": "Synthetic", "task_name": "Tabletop actions",
+            "capture": {"cameras": [{"cam_id": "aria01", "is_ego": True}, {"cam_id": "cam01", "is_ego": False},
+                                    {"cam_id": "cam02", "is_ego": False}]},
+            "frame_aligned_videos": {
+                "aria01": {"rgb": {"cam_id": "aria01", "stream_id": "214-1", "relative_path": rel["aria01"]}},
+                "cam01": {"0": {"cam_id": "cam01", "relative_path": rel["cam01"]}},
+                "cam02": {"0": {"cam_id": "cam02", "relative_path": rel["cam02"]}}}})
+        descriptions = [{"text": e.narration, "timestamp": round((e.start + e.end) / 2, 3), "narration_subject": "C",
+                         "ego_visible": "1", "unsure": False, "best_exo": {"raw_cam_id": "1", "cam_id": "cam01"}}
+                        for e in events]
+        annotations[split][take_uid] = [{"annotation_uid": f"{take_uid}-a0", "annotator_id": "synthetic",
+                                         "rejected": False, "reject_reason": None, "descriptions": descriptions}]
+        ego_video = os.path.join("takes", name, rel["aria01"])
+        for j, e in enumerate(events):
+            options, answer = _options(e, objects, rng)
+            uid = f"{take_uid}_{j}"
+            if split == "train":
+                egoit_items.append({"id": f"{uid}_describe", "video": ego_video, "start": e.start, "end": e.end,
+                                    "conversations": [
+                                        {"from": "human", "value": f"<video>\n{MC_QUESTION}"},
+                                        {"from": "gpt", "value": canonical(e.action, e.colour, e.shape)}]})
+                listing = "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+                egoit_items.append({"id": f"{uid}_mcq", "video": ego_video, "start": e.start, "end": e.end,
+                                    "conversations": [
+                                        {"from": "human", "value": f"<video>\nQuestion: {MC_QUESTION}\nOptions:\n"
+                                         f"{listing}\nAnswer with the option's letter from the given choices "
+                                         "directly and only give the best option."},
+                                        {"from": "gpt", "value": LETTERS[answer]}]})
+            else:
+                mcq_items.append({"uid": uid, "video": ego_video, "start": e.start, "end": e.end,
+                                  "question": MC_QUESTION, "options": options, "answer": answer})
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    paths = {"root": root, "takes": os.path.join(root, "takes.json"),
+             "egoit": os.path.join(root, "egoit_synthetic.json"), "mcq": os.path.join(root, "mcq_val.json")}
+    _dump(paths["takes"], takes)
+    for split in ("train", "val"):
+        _dump(os.path.join(root, "annotations", f"atomic_descriptions_{split}.json"),
+              {"annotations": annotations[split]})
+    _dump(paths["egoit"], egoit_items)
+    _dump(paths["mcq"], mcq_items)
+    return paths
+
+
+def _dump(path: str, data) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+
+
+def corpus(root: str) -> list[str]:
+    """Every text of the raw dataset (narrations, conversations, options): the demo tokenizer's corpus."""
+    texts = []
+    for split in ("train", "val"):
+        with open(os.path.join(root, "annotations", f"atomic_descriptions_{split}.json")) as f:
+            for passes in json.load(f)["annotations"].values():
+                texts += [d["text"] for a in passes for d in a["descriptions"]]
+    with open(os.path.join(root, "egoit_synthetic.json")) as f:
+        texts += [t["value"] for item in json.load(f) for t in item["conversations"]]
+    with open(os.path.join(root, "mcq_val.json")) as f:
+        texts += [o for item in json.load(f) for o in item["options"]]
+    return texts
+
+
+def build(out: str, *, seed: int = 0, preset: str | Preset = "demo", workers: int = 0,
+          show_progress: bool = True, raw_dir: Optional[str] = None) -> list[dict]:
+    """Raw files under `out/raw` (or `raw_dir`), then `out/records/{ego_exo_clip,ego_it}` via the real builders."""
+    from exo2ego_jax.data.build import build_ego_exo_clip, build_ego_it
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    raw = raw_dir or os.path.join(out, "raw")
+    paths = write_raw(raw, seed=seed, preset=p)
+    records = os.path.join(out, "records")
+    engine = dict(workers=workers, show_progress=show_progress, restart=True)
+    clip = build_ego_exo_clip(raw, records, num_frames=p.num_frames, store_size=p.store_size, **engine)
+    ego_it = build_ego_it([paths["egoit"]], raw, records, num_frames=p.num_frames, store_size=p.store_size, **engine)
+    return [clip, ego_it]
