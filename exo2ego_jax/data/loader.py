@@ -40,12 +40,13 @@ def dataset_root(c) -> str:
 
 
 def tokenizer_path(c) -> str:
-    """`data.tokenizer`, else the init checkpoint folder (converters copy the tokenizer files there)."""
-    for path in (c.data.get("tokenizer", ""), c.init.checkpoint):
-        if path:
-            return path
-    raise ValueError("config field 'data.tokenizer' is empty and there is no init.checkpoint to take the tokenizer "
-                     "from; set data.tokenizer to a folder with tokenizer.json (a converted checkpoint)")
+    """data.tokenizer, the init checkpoint or the previous stage's export (`train.config.tokenizer_dir`)."""
+    from exo2ego_jax.train.config import tokenizer_dir
+    path = tokenizer_dir(c)
+    if not path:
+        raise ValueError("config field 'data.tokenizer' is empty and no init checkpoint holds a tokenizer; set "
+                         "data.tokenizer to a folder with tokenizer.json (a converted checkpoint)")
+    return path
 
 
 class ToExample:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 CLIP_MEAN_RGB = (122, 116, 104)  # int(x * 255) of CLIP's mean, as VideoLLaMA2's expand2square uses
 ASPECT_MODES = ("crop", "pad")
 
@@ -56,3 +58,8 @@ def clip_frames(frames: np.ndarray, size: int, mode: str = "crop") -> np.ndarray
             frame = expand_to_square(frame)
         out[t] = center_crop(resize_shortest_side(frame, size), size)
     return out
+
+
+def normalize(frames: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """uint8 [..., 3] -> CLIP-normalised pixels (rescale by 1/255, then mean/std)."""
+    return ((frames.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(dtype)

@@ -91,6 +91,22 @@ def loss_config(c) -> LossConfig:
     return LossConfig(**dict(c.loss))
 
 
+EXPORT_DIR = "export"  # a finished stage's load_pretrained checkpoint inside its workdir
+
+
+def tokenizer_dir(c) -> str:
+    """Where this run's tokenizer lives: data.tokenizer, else the init checkpoint, else the previous stage's
+    export (exports carry the tokenizer files along). Empty when none of them has one."""
+    import os
+    candidates = [c.data.tokenizer, c.init.checkpoint]
+    if c.init.from_workdir:
+        candidates.append(os.path.join(c.init.from_workdir, EXPORT_DIR))
+    for path in candidates:
+        if path and any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+            return path
+    return c.data.tokenizer or c.init.checkpoint or ""
+
+
 def stage_spec(c) -> StageSpec:
     return get_stage(c.stage, trainable=tuple(c.trainable) or None, fusion=c.fusion or None, loss=loss_config(c),
                      lora=bool(c.lora.enabled))

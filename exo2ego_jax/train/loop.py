@@ -25,6 +25,8 @@ from exo2ego_jax.models.lora import combine_params, merge_lora
 from exo2ego_jax.sharding import create_mesh
 from exo2ego_jax.train import config as config_lib
 from exo2ego_jax.train import state as state_lib
+from exo2ego_jax.data.preprocess import normalize
+from exo2ego_jax.train.config import EXPORT_DIR, tokenizer_dir
 from exo2ego_jax.train.checkpointing import TrainCheckpointer, export_params
 from exo2ego_jax.train.metrics import MetricsLogger
 from exo2ego_jax.train.optim import make_optimizer
@@ -32,7 +34,6 @@ from exo2ego_jax.train.step import jit_eval_step, jit_train_step, make_eval_step
 from exo2ego_jax.train.synthetic import batch_fingerprint
 
 log = logging.getLogger(__name__)
-EXPORT_DIR = "export"
 
 
 class TrainingDiverged(RuntimeError):
@@ -79,8 +80,6 @@ def make_data(c, model_cfg, *, process_index: int, process_count: int, split: st
                          process_count=process_count)
 
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
 def to_model_batch(local: dict, compute_dtype) -> dict:
@@ -88,7 +87,7 @@ def to_model_batch(local: dict, compute_dtype) -> dict:
     out = {k: local[k] for k in ("input_ids", "attention_mask", "labels")}
     for src, dst in (("ego_frames", "ego_pixels"), ("exo_frames", "exo_pixels")):
         if src in local:
-            out[dst] = ((local[src].astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(compute_dtype)
+            out[dst] = normalize(local[src], compute_dtype)
     return out
 
 
@@ -282,7 +281,20 @@ def export(c, workdir: str, module, trainable, frozen) -> str:
     if jax.process_index() == 0 and os.path.exists(target):  # a resumed, already-finished run exports again
         import shutil
         shutil.rmtree(target)
-    return export_params(target, params, cfg.to_dict(), dtype=c.frozen_dtype, extra=dict(stage=c.stage))
+    path = export_params(target, params, cfg.to_dict(), dtype=c.frozen_dtype, extra=dict(stage=c.stage))
+    _copy_tokenizer(tokenizer_dir(c), path)
+    return path
+
+
+def _copy_tokenizer(source: str, target: str) -> None:
+    """Exports carry the tokenizer so the next stage, evaluation and inference find it next to the weights."""
+    from exo2ego_jax.convert.engine import TOKENIZER_FILES
+    if jax.process_index() != 0 or not source or not os.path.isdir(source):
+        return
+    import shutil
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(source, name)):
+            shutil.copy2(os.path.join(source, name), os.path.join(target, name))
 
 
 def _flops(compiled) -> Optional[float]:

@@ -1,0 +1,33 @@
+"""Zero-shot evaluation: python launch/evaluate.py --config configs/eval.py:<benchmark|all|paper> --checkpoint DIR
+--data_root DIR [--out DIR] [--config.first_person=True] [--config.mode=loglik] [--config.max_items=100]
+
+`all`/`paper`: the paper's eight benchmarks (ten Avg sub-metrics plus QAEgo4D-open and nDCG). `--data_root` holds one
+folder per benchmark (egoschema/, qaego4d/, egotaskqa/, charades_ego/, ek100_mir/, egoplan/, vln_qa/, egomcq/),
+or, with a single benchmark, may be that benchmark's own folder.
+"""
+import ml_collections
+
+SUITE = ("egoschema", "qaego4d_closed", "qaego4d_open", "egotaskqa_direct", "egotaskqa_indirect", "charades_ego",
+         "ek100_mir", "egoplan", "vln_qa", "egomcq")
+
+
+def get_config(benchmark: str = "all"):
+    c = ml_collections.ConfigDict()
+    if benchmark in ("all", "paper"):
+        c.benchmarks = SUITE
+    else:
+        c.benchmarks = tuple(benchmark.split(","))
+    c.mode = ""              # '' = each benchmark's default (generate for MCQs, loglik for EgoPlan)
+    c.fallback = "c"         # unparsable letter -> option C (VideoLLaMA2's scripts); 'wrong' counts it wrong
+    c.first_person = False   # the paper's "first-person perspective" cue in front of every prompt
+    c.max_new_tokens = 16
+    c.open_max_new_tokens = 64
+    c.batch_size = 8
+    c.option_chunk = 16
+    c.aspect = "crop"        # VideoLLaMA2 inference does not pad video frames
+    c.max_items = 0          # > 0: only the first N items per benchmark (smoke runs)
+    c.qaego4d_seeds = (0, 1111, 2222, 3333, 4444)
+    c.egoschema_subset_only = True   # False: every question (accuracy on the subset; submission file for all)
+    c.ek100_max_sentences = 0        # > 0: a sentence subset (the full 9668 x 3842 loglik matrix is very large)
+    c.judge = ""             # 'module:function' (question, answer, prediction) -> {'pred', 'score'} for QAEgo4D open
+    return c

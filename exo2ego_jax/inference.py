@@ -1,0 +1,133 @@
+"""Ask a checkpoint about a video: `answer_question(model, video, question)` (and `launch/infer.py`).
+
+`load_model(checkpoint)` gives the module, params and the tokenizer stored next to them (converters and
+stage exports copy the tokenizer files). Clips go through the training pipeline's steps: VideoLLaMA2's
+uniform frame rule over [start, end], CLIP preprocessing, normalisation; the prompt is the v1 chat template
+with the system prompt and `<video>` at the head of the question; decoding is greedy by default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from exo2ego_jax.data import template
+from exo2ego_jax.data.preprocess import clip_frames, normalize
+from exo2ego_jax.data.video import VideoError, read_clip
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    module: object
+    params: dict
+    tokenizer: object
+    path: str = ""
+
+    @property
+    def config(self):
+        return self.module.config
+
+    @property
+    def num_frames(self) -> int:
+        return self.config.num_frames
+
+    @property
+    def image_size(self) -> int:
+        return self.config.clip.image_size
+
+
+def load_model(checkpoint: str, *, dtype=None) -> LoadedModel:
+    import exo2ego_jax
+    from exo2ego_jax.data.tokenizer import load_tokenizer
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"checkpoint folder {checkpoint!r} does not exist; pass a converted checkpoint or a "
+                                "stage workdir's export/ folder")
+    module, params = exo2ego_jax.load_pretrained(checkpoint, dtype=dtype)
+    return LoadedModel(module, params, load_tokenizer(checkpoint), checkpoint)
+
+
+def read_frames(paths: Sequence[str]) -> np.ndarray:
+    """Still frames (EPIC-KITCHENS rgb_frames, OpenEQA) as uint8 [T, H, W, 3]."""
+    from PIL import Image
+    out = []
+    for p in paths:
+        if not os.path.exists(p):
+            raise VideoError(f"frame {p!r} does not exist; check the benchmark's frame folder")
+        out.append(np.asarray(Image.open(p).convert("RGB"), np.uint8))
+    return np.stack(out)
+
+
+def clip_pixels(video: str, num_frames: int, image_size: int, *, start: Optional[float] = None,
+                end: Optional[float] = None, frame_indices: Optional[Sequence[int]] = None, aspect: str = "crop",
+                dtype=np.float32) -> np.ndarray:
+    """Normalised pixels [T, S, S, 3] for a clip: a video file and window, or explicit frame indices."""
+    if frame_indices is not None:
+        frames = _frames_at(video, frame_indices)
+    else:
+        frames, _ = read_clip(video, num_frames, start, end)
+    return normalize(clip_frames(frames, image_size, aspect), dtype)
+
+
+def _frames_at(video: str, indices: Sequence[int]) -> np.ndarray:
+    """Frames by index from a video file, or from a folder of `frame_{:010d}.jpg` (EPIC-KITCHENS layout)."""
+    if os.path.isdir(video):
+        return read_frames([os.path.join(video, f"frame_{i:010d}.jpg") for i in indices])
+    from exo2ego_jax.data.video import _decode, _open, _info
+    container = _open(video)
+    try:
+        info = _info(container, video)
+        clamped = [min(max(int(i), 0), info.num_frames - 1) for i in indices]
+        got = _decode(container, video, info, sorted(set(clamped)), None)
+    finally:
+        container.close()
+    if not got:
+        raise VideoError(f"no frame of {video!r} could be decoded at {list(indices)[:4]}...")
+    black = np.zeros_like(next(iter(got.values())))
+    return np.stack([got.get(i, black) for i in clamped])
+
+
+def answer_question(model: LoadedModel, video: str, question: str, *, start: Optional[float] = None,
+                    end: Optional[float] = None, max_new_tokens: int = 128, temperature: float = 0.0,
+                    top_p: float = 1.0, seed: int = 0, aspect: str = "crop") -> str:
+    """The model's answer to `question` about `video` (optionally the window [start, end] s)."""
+    return generate_answers(model, [clip_pixels(video, model.num_frames, model.image_size, start=start, end=end,
+                                                aspect=aspect)], [question], max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, seed=seed)[0]
+
+
+def generate_answers(model: LoadedModel, pixels: Sequence[np.ndarray], prompts: Sequence[str], *,
+                     max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                     system: Optional[str] = template.SYSTEM_PROMPT) -> list[str]:
+    """Batched answers: one chat-template prompt and one clip per row, decoded in one jitted loop."""
+    import jax
+    from exo2ego_jax.generate import generate
+    tok = model.tokenizer
+    rows = [template.prompt_ids(tok, p, system=system) for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), tok.pad_token_id, np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, True
+    tokens, lengths = generate(model.module, model.params, ids, mask, np.stack(pixels),
+                               max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id, temperature=temperature, top_p=top_p,
+                               rng=jax.random.key(seed))
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    return [tok.decode(t[:n].tolist(), skip_special_tokens=True).strip() for t, n in zip(tokens, lengths)]
+
+
+def option_rows(tokenizer, question: str, options: Sequence[str], *, system: Optional[str] = template.SYSTEM_PROMPT
+                ) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, [option ids]) exactly as training tokenises "[INST] q [/INST] option </s>"."""
+    prompt = template.prompt_ids(tokenizer, question, system=system)
+    out = []
+    for option in options:
+        tok = template.tokenize_conversation(tokenizer, [{"from": "human", "value": f"<video>\n{question}"},
+                                                         {"from": "gpt", "value": option}], system=system)
+        ids = tok.input_ids.tolist()
+        if ids[:len(prompt)] != prompt:
+            raise ValueError(f"the prompt tokenises differently with the answer appended: {question!r}")
+        out.append(ids[len(prompt):])
+    return prompt, out
