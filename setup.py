@@ -28,6 +28,9 @@ INSTALL_REQUIRES = [
     "safetensors>=0.8",
     "tokenizers>=0.23.1,<0.24",
     "av==18.1.0",
+    "pillow",               # CLIP preprocessing (bicubic resize, as CLIPImageProcessor)
+    "importlib_resources",  # TFDS builders defined in code import it
+    "matplotlib",           # the demo's loss-curve plots
     "tqdm",
     "scikit-learn>=1.5",  # average precision for the benchmark metrics
 ]
@@ -45,6 +48,8 @@ EXTRAS = {
         f"torchvision; {PY312}",
         f"timm>=1.0.3; {PY312}",
         "peft>=0.17",
+        "rouge-score",              # ROUGE-L reference for the QAEgo4D-open metric
+        "nbclient", "nbformat", "ipykernel",  # the notebooks run in the test suite
     ],
     # XProf/TensorBoard profile plugin drags in many cloud dependencies: opt-in only.
     "profile": ["xprof>=2.24", "tensorboard"],
@@ -59,4 +64,5 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     include_package_data=True,
+    package_data={"exo2ego_jax.data": ["resources/*.json"]},
 )

@@ -22,6 +22,11 @@ def get_config(preset: str = "tiny"):
         c.batch_size = 512
         c.microbatches = 64
         c.init.checkpoint = "/ckpt/jax/videollama2-7b-16f"  # a converted VideoLLaMA2 checkpoint
+    if preset == "demo":
+        # The demo has no pretrained VideoLLaMA2 to start from: its init stage also trains the tiny LLM on the
+        # clip captions (standing in for VideoLLaMA2's pretraining); stages 1-3 then follow the paper.
+        c.trainable = (r"connector/.*", r"llm/.*")
+        c.optim.learning_rate = 3e-3
     if preset != "tiny":  # records from exo2ego_jax.data.build (demo: the synthetic ego-exo set)
         c.data.source = "ego_exo_clip"
     return c

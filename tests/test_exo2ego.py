@@ -10,32 +10,16 @@ import jax.numpy as jnp
 import exo2ego_jax
 from exo2ego_jax.convert import CheckpointError, convert_videollama2
 from exo2ego_jax.models.exo2ego import Exo2EgoConfig, splice_visual
-from tests.conftest import TINY_CLIP, TINY_MISTRAL, randomize_, torch_seed
-from tests.test_stc_mapper import torch_stc
+from tests.conftest import TINY_CLIP, TINY_MISTRAL
+from exo2ego_jax.convert.torch_reference import write_tiny_videollama2
 
 FRAMES = 4
 
 
 def build_videollama2(path, with_projector=True):
     """A tiny VideoLLaMA2-shaped checkpoint: CLIP tower + STC (timm) + Mistral, under VideoLLaMA2's key names."""
-    import transformers
-    from safetensors.torch import save_file
-    torch = torch_seed(0)
-    clip = randomize_(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY_CLIP)).eval(), 1)
-    llm = randomize_(transformers.MistralForCausalLM(transformers.MistralConfig(**TINY_MISTRAL)).eval(), 2, 0.05)
-    stc = torch_stc(TINY_CLIP["hidden_size"], TINY_MISTRAL["hidden_size"], 4, 1).eval()
-    randomize_(stc, 3, 0.05)
-    tensors = {f"model.vision_tower.vision_tower.vision_model.{k}": v for k, v in clip.state_dict().items()}
-    if with_projector:
-        tensors.update({f"model.mm_projector.{k}": v for k, v in stc.state_dict().items()})
-    tensors.update(llm.state_dict())
-    os.makedirs(path, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
-    config = {**llm.config.to_dict(), "model_type": "videollama2_mistral", "mm_projector_type": "stc_connector",
-              "mm_hidden_size": TINY_CLIP["hidden_size"], "mm_vision_select_layer": -2, "num_frames": FRAMES,
-              "vision_config": clip.config.to_dict()}
-    json.dump(config, open(os.path.join(path, "config.json"), "w"), default=str)
-    return clip, stc, llm
+    return write_tiny_videollama2(path, TINY_CLIP, TINY_MISTRAL, num_frames=FRAMES,
+                                  with_projector=with_projector)
 
 
 def torch_reference_logits(clip, stc, llm, pixels, ids, lengths):

@@ -6,39 +6,9 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from exo2ego_jax.convert.stc import params_from_state_dict, stc_rules
+from exo2ego_jax.convert.torch_reference import torch_stc
 from exo2ego_jax.models.mapper import MapperConfig, build_mapper
 from exo2ego_jax.models.stc import STCConfig, STCConnector
-
-
-def torch_stc(enc, hid, depth, padding):
-    """VideoLLaMA2's STCConnector, assembled from timm 1.0.3 RegStage exactly as projector.py builds it."""
-    import torch.nn as tnn
-    from timm.layers import LayerNorm2d
-    from timm.models.regnet import RegStage
-
-    class STC(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            kw = dict(stride=1, dilation=1, act_layer=tnn.SiLU, norm_layer=LayerNorm2d)
-            self.s1 = RegStage(depth=depth, in_chs=enc, out_chs=hid, **kw)
-            self.sampler = tnn.Sequential(tnn.Conv3d(hid, hid, kernel_size=2, stride=2, padding=padding, bias=True),
-                                          tnn.SiLU())
-            self.s2 = RegStage(depth=depth, in_chs=hid, out_chs=hid, **kw)
-            self.readout = tnn.Sequential(tnn.Linear(hid, hid), tnn.GELU(), tnn.Linear(hid, hid))
-
-        def forward(self, x):  # [b, t, l, d] as VideoLLaMA2 receives it
-            b, t, l, d = x.shape
-            hw = int(l ** 0.5)
-            x = x.reshape(b * t, hw, hw, d).permute(0, 3, 1, 2)          # (b t) d h w
-            x = self.s1(x)
-            x = x.reshape(b, t, hid, hw, hw).permute(0, 2, 1, 3, 4)      # b d t h w
-            x = self.sampler(x)
-            nt = x.shape[2]
-            x = x.permute(0, 2, 1, 3, 4).reshape(b * nt, hid, x.shape[3], x.shape[4])
-            x = self.s2(x)
-            x = x.reshape(b, nt, hid, -1).permute(0, 1, 3, 2).reshape(b, -1, hid)  # b (t h w) d
-            return self.readout(x)
-    return STC()
 
 
 def perturbed_state(module, seed):

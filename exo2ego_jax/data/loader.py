@@ -13,6 +13,7 @@ resume exactly, `len()` is the number of records, `reset()` restarts from the fi
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -23,6 +24,7 @@ from exo2ego_jax.data.preprocess import clip_frames
 from exo2ego_jax.data.records import decode_text, open_records
 
 IGNORE_INDEX = template.IGNORE_INDEX
+log = logging.getLogger(__name__)
 DATASET_NAMES = {"ego_exo_clip": "ego_exo_clip", "ego_it": "ego_it", "records": ""}
 
 
@@ -71,6 +73,13 @@ class ToExample:
             self._tokenizer = load_tokenizer(self.tokenizer_dir)
         return self._tokenizer
 
+    def _warn_empty(self, uid: str) -> None:
+        """A sample whose answer was cut by truncation trains nothing: say so (first few per process)."""
+        self._empty = getattr(self, "_empty", 0) + 1
+        if self._empty <= 5 or self._empty % 1000 == 0:
+            log.warning("record %s has no answer tokens left after truncation to data.seq_len=%d (%d such records "
+                        "so far in this process); raise data.seq_len", uid, self.seq_len, self._empty)
+
     def __call__(self, record: dict) -> dict:
         uid = decode_text(record["uid"])
         conversations = decode_text(record["conversations"])
@@ -79,6 +88,8 @@ class ToExample:
                                                  max_len=self.seq_len, source=uid)
         else:
             tok = template.tokenize_caption(self.tokenizer, decode_text(record["text"]), max_len=self.seq_len)
+        if not (tok.labels != IGNORE_INDEX).any():
+            self._warn_empty(uid)
         out = {"input_ids": tok.input_ids, "labels": tok.labels}
         for view in self.views:
             frames = record[f"{view}_frames"]

@@ -97,18 +97,19 @@ def _offset(action: str, phase: float) -> tuple[float, float]:
 
 
 def _state(objects, events, t: float):
-    """Object positions and the hand position at time t (the active object is displaced, the hand on it)."""
+    """Object positions, the hand position and where the wearer looks at time t (the active object is
+    displaced with the hand on it; the gaze stays on the object's resting place, so the motion shows in ego)."""
     pos = [[o["x"], o["y"]] for o in objects]
     hand = [0.5, 0.9]
+    gaze = [0.5, 0.8]
     for e in events:
-        if t >= e.end:  # pushes are persistent only within their action: objects return between actions
-            continue
-        if e.start <= t < e.end:
+        if e.start <= t < e.end:  # objects return to their places between actions
             k = next(i for i, o in enumerate(objects) if o["colour"] == e.colour)
+            gaze = [pos[k][0], pos[k][1] + 0.07]
             dx, dy = _offset(e.action, (t - e.start) / (e.end - e.start))
             pos[k] = [pos[k][0] + dx, pos[k][1] + dy]
             hand = [pos[k][0], pos[k][1] + 0.07]
-    return pos, hand
+    return pos, hand, gaze
 
 
 def _paint(X, Y, objects, pos, hand, floor, mirror: bool) -> np.ndarray:
@@ -140,14 +141,14 @@ def render_take(objects, events, duration: float, width: int, height: int, rng: 
     views = {k: np.empty((n, height, width, 3), np.uint8) for k in ("aria01", "cam01", "cam02")}
     for i in range(n):
         t = i / FPS
-        pos, hand = _state(objects, events, t)
+        pos, hand, gaze = _state(objects, events, t)
         ex, ey = u, 0.15 + 0.85 * v  # exo: the table and everything on it
         views["cam01"][i] = _paint(ex, ey, objects, pos, hand, floor, mirror=False)
         views["cam02"][i] = _paint(ex, ey, objects, pos, hand, floor * 0.9, mirror=True)
-        # ego: a 0.45-wide window above the hand, swaying with the head
-        cx = hand[0] + 0.03 * np.sin(2 * np.pi * 0.7 * t + sway)
-        cy = hand[1] - 0.12 + 0.02 * np.cos(2 * np.pi * 0.5 * t + sway)
-        gx, gy = cx + (u - 0.5) * 0.45, cy + (v - 0.5) * 0.45 * height / width
+        # ego: a 0.6-wide window around the gaze point, swaying with the head
+        cx = gaze[0] + 0.03 * np.sin(2 * np.pi * 0.7 * t + sway)
+        cy = gaze[1] - 0.12 + 0.02 * np.cos(2 * np.pi * 0.5 * t + sway)
+        gx, gy = cx + (u - 0.5) * 0.6, cy + (v - 0.5) * 0.6 * height / width
         views["aria01"][i] = _paint(gx, gy, objects, pos, hand, floor, mirror=False)
     return views
 

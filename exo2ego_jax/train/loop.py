@@ -26,6 +26,7 @@ from exo2ego_jax.sharding import create_mesh
 from exo2ego_jax.train import config as config_lib
 from exo2ego_jax.train import state as state_lib
 from exo2ego_jax.data.preprocess import normalize
+from exo2ego_jax.data.template import IGNORE_INDEX
 from exo2ego_jax.train.config import EXPORT_DIR, tokenizer_dir
 from exo2ego_jax.train.checkpointing import TrainCheckpointer, export_params
 from exo2ego_jax.train.metrics import MetricsLogger
@@ -88,6 +89,23 @@ def to_model_batch(local: dict, compute_dtype) -> dict:
     for src, dst in (("ego_frames", "ego_pixels"), ("exo_frames", "exo_pixels")):
         if src in local:
             out[dst] = normalize(local[src], compute_dtype)
+    return out
+
+
+def agree_on_text_width(local: dict) -> dict:
+    """Length-bucketed loaders pick a width per process; every process must feed the same global shape, so
+    rows are right-padded to the widest process's width (one tiny all-gather per step, multi-host only)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+    width = int(np.max(multihost_utils.process_allgather(np.int32(local["input_ids"].shape[1]))))
+    pad = width - local["input_ids"].shape[1]
+    if pad == 0:
+        return local
+    fill = {"input_ids": 0, "labels": IGNORE_INDEX, "attention_mask": False}
+    out = dict(local)
+    for key, value in fill.items():
+        out[key] = np.pad(local[key], ((0, 0), (0, pad)), constant_values=value)
     return out
 
 
@@ -193,24 +211,27 @@ def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
     _print(is_main, f"{c.stage}: {n_trainable / 1e6:.2f}M trainable / {n_frozen / 1e6:.2f}M frozen params, mesh "
                     f"{dict(mesh.shape)}, {steps} steps of {c.batch_size} (x{c.microbatches} microbatches)")
 
-    compiled, flops = None, None
+    # One executable per batch shape: length-bucketed data gives a few text widths (data.text_buckets).
+    executables: dict = {}
     last_good = start if start else None
     bar = tqdm(total=steps, initial=start, desc=c.stage, disable=not (show_progress and is_main), unit="step")
     try:
         for step in range(start + 1, steps + 1):
-            local = next(data)
+            local = agree_on_text_width(next(data))
             fingerprint = batch_fingerprint(local)
             batch = global_batch(to_model_batch(local, compute_dtype), layout.batch)
-            if compiled is None:
+            shape_key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+            if shape_key not in executables:
                 with jax.set_mesh(mesh):
-                    lowered = step_fn.lower(state, frozen, batch)
-                    compiled = lowered.compile()
-                flops = _flops(compiled)
+                    compiled = step_fn.lower(state, frozen, batch).compile()
+                executables[shape_key] = (compiled, _flops(compiled))
                 mem = compiled.memory_analysis()
                 if mem is not None and is_main:
-                    log.info("compiled %s step: temp %.1f MB, args %.1f MB", c.stage,
-                             getattr(mem, "temp_size_in_bytes", 0) / 1e6, getattr(mem, "argument_size_in_bytes", 0) / 1e6)
-                t_last = time.perf_counter()
+                    log.info("compiled %s step for text width %d: temp %.1f MB, args %.1f MB", c.stage,
+                             batch["input_ids"].shape[1], getattr(mem, "temp_size_in_bytes", 0) / 1e6,
+                             getattr(mem, "argument_size_in_bytes", 0) / 1e6)
+                t_last = time.perf_counter()  # compile time is not step time
+            compiled, flops = executables[shape_key]
             with jax.set_mesh(mesh):
                 state, metrics = compiled(state, frozen, batch)
             is_log = step % c.log_every == 0 or step == steps
@@ -262,7 +283,7 @@ def evaluate(eval_fn, eval_data, trainable, frozen, layout, mesh, c, compute_dty
     eval_data.reset()
     totals: dict = {}
     for _ in range(c.eval_batches):
-        batch = global_batch(to_model_batch(next(eval_data), compute_dtype), layout.batch)
+        batch = global_batch(to_model_batch(agree_on_text_width(next(eval_data)), compute_dtype), layout.batch)
         with jax.set_mesh(mesh):
             values = jax.device_get(eval_fn(trainable, frozen, batch))
         for k, v in values.items():
