@@ -37,8 +37,13 @@ def run_stage(stage: str, workdir: str, overrides: dict, log_path: str) -> float
     cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
     t = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(log_path, "wb") as log:  # the stage's own progress bar on the terminal, everything in the log
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        while chunk := proc.stdout.read1(4096):
+            log.write(chunk)
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        proc.wait()
     if proc.returncode != 0:
         tail = open(log_path).read()[-3000:]
         raise SystemExit(f"{stage} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
@@ -121,9 +126,9 @@ def main(argv=None) -> int:
     for label, path in models.items():
         model = load_model(path)
         out = os.path.join(work, "eval", os.path.basename(os.path.dirname(path)))
-        ll = run_benchmark("mcq_json", raw, model, out, settings=EvalSettings(mode="loglik"), show_progress=False)
-        gen = run_benchmark("mcq_json", raw, model, out + "_letters", settings=EvalSettings(mode="generate"),
-                            show_progress=False)
+        print(f"  {label}", flush=True)
+        ll = run_benchmark("mcq_json", raw, model, out, settings=EvalSettings(mode="loglik"))
+        gen = run_benchmark("mcq_json", raw, model, out + "_letters", settings=EvalSettings(mode="generate"))
         rows[label] = (ll["mcq_json"], gen["mcq_json"], gen.get("mcq_json_unparsed", 0), ll["mcq_json_n"])
         if label.startswith("Exo2Ego"):
             full_model = model
