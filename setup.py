@@ -64,5 +64,5 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     include_package_data=True,
-    package_data={"exo2ego_jax.data": ["resources/*.json"]},
+    package_data={"exo2ego_jax.data.resources": ["*.json"]},
 )

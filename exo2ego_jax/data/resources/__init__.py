@@ -1,0 +1,1 @@
+"""Data files of the data package (EgoIT instruction templates)."""
