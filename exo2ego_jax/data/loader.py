@@ -17,6 +17,7 @@ import logging
 import os
 from typing import Optional, Sequence
 
+import grain.python as grain  # only imported for record sources (the GPU box may lack Grain)
 import numpy as np
 
 from exo2ego_jax.data import template
@@ -149,7 +150,6 @@ class GrainBatchIterator:
     def __init__(self, source, to_example: ToExample, *, global_batch: int, seed: int, shuffle: bool,
                  process_index: int, process_count: int, worker_count: int, buckets: Sequence[int], pad_id: int,
                  num_epochs: Optional[int] = None):
-        import grain.python as grain
         if global_batch % process_count:
             raise ValueError(f"global batch {global_batch} is not divisible by the {process_count} processes")
         self.global_batch, self.local_batch = global_batch, global_batch // process_count
@@ -196,21 +196,14 @@ class GrainBatchIterator:
         self._iter.set_state(state["grain"].encode())
 
 
-def _map_class():
-    import grain.python as grain
+class _Map(grain.MapTransform):
+    """A picklable Grain map step around one callable."""
 
-    class Map(grain.MapTransform):
-        def __init__(self, fn):
-            self.fn = fn
+    def __init__(self, fn):
+        self.fn = fn
 
-        def map(self, element):
-            return self.fn(element)
-
-    return Map
-
-
-def _Map(fn):  # noqa: N802 (a class factory: grain is imported lazily)
-    return _map_class()(fn)
+    def map(self, element):
+        return self.fn(element)
 
 
 def _mark_flags_parsed() -> None:
