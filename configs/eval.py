@@ -7,14 +7,13 @@ or, with a single benchmark, may be that benchmark's own folder.
 """
 import ml_collections
 
-SUITE = ("egoschema", "qaego4d_closed", "qaego4d_open", "egotaskqa_direct", "egotaskqa_indirect", "charades_ego",
-         "ek100_mir", "egoplan", "vln_qa", "egomcq")
+from exo2ego_jax.eval.benchmarks import PAPER_SUITE
 
 
 def get_config(benchmark: str = "all"):
     c = ml_collections.ConfigDict()
     if benchmark in ("all", "paper"):
-        c.benchmarks = SUITE
+        c.benchmarks = PAPER_SUITE
     else:
         c.benchmarks = tuple(benchmark.split(","))
     c.mode = ""              # '' = each benchmark's default (generate for MCQs, loglik for EgoPlan)

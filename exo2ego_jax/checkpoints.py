@@ -12,8 +12,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import flax.linen as nn
 from flax import traverse_util
 
 from exo2ego_jax.convert.engine import CONFIG_FILE, FORMAT_NAME, PARAMS_DIR

@@ -15,7 +15,7 @@ import numpy as np
 
 from exo2ego_jax.data import template
 from exo2ego_jax.data.preprocess import clip_frames, normalize
-from exo2ego_jax.data.video import VideoError, read_clip
+from exo2ego_jax.data.video import read_clip, read_frames_at
 
 
 @dataclasses.dataclass
@@ -48,44 +48,15 @@ def load_model(checkpoint: str, *, dtype=None) -> LoadedModel:
     return LoadedModel(module, params, load_tokenizer(checkpoint), checkpoint)
 
 
-def read_frames(paths: Sequence[str]) -> np.ndarray:
-    """Still frames (EPIC-KITCHENS rgb_frames, OpenEQA) as uint8 [T, H, W, 3]."""
-    from PIL import Image
-    out = []
-    for p in paths:
-        if not os.path.exists(p):
-            raise VideoError(f"frame {p!r} does not exist; check the benchmark's frame folder")
-        out.append(np.asarray(Image.open(p).convert("RGB"), np.uint8))
-    return np.stack(out)
-
-
 def clip_pixels(video: str, num_frames: int, image_size: int, *, start: Optional[float] = None,
                 end: Optional[float] = None, frame_indices: Optional[Sequence[int]] = None, aspect: str = "crop",
                 dtype=np.float32) -> np.ndarray:
     """Normalised pixels [T, S, S, 3] for a clip: a video file and window, or explicit frame indices."""
     if frame_indices is not None:
-        frames = _frames_at(video, frame_indices)
+        frames = read_frames_at(video, frame_indices)
     else:
         frames, _ = read_clip(video, num_frames, start, end)
     return normalize(clip_frames(frames, image_size, aspect), dtype)
-
-
-def _frames_at(video: str, indices: Sequence[int]) -> np.ndarray:
-    """Frames by index from a video file, or from a folder of `frame_{:010d}.jpg` (EPIC-KITCHENS layout)."""
-    if os.path.isdir(video):
-        return read_frames([os.path.join(video, f"frame_{i:010d}.jpg") for i in indices])
-    from exo2ego_jax.data.video import _decode, _open, _info
-    container = _open(video)
-    try:
-        info = _info(container, video)
-        clamped = [min(max(int(i), 0), info.num_frames - 1) for i in indices]
-        got = _decode(container, video, info, sorted(set(clamped)), None)
-    finally:
-        container.close()
-    if not got:
-        raise VideoError(f"no frame of {video!r} could be decoded at {list(indices)[:4]}...")
-    black = np.zeros_like(next(iter(got.values())))
-    return np.stack([got.get(i, black) for i in clamped])
 
 
 def answer_question(model: LoadedModel, video: str, question: str, *, start: Optional[float] = None,

@@ -17,7 +17,6 @@ import dataclasses
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 
 from exo2ego_jax.losses import LossConfig, feature_kl, l1, vtg_loss
 from exo2ego_jax.models.exo2ego import guidance_forward

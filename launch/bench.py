@@ -15,7 +15,6 @@ ceiling (787 TFLOP/s on H100/H200).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time

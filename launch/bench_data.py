@@ -52,9 +52,6 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="")
     a = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from absl import flags
-    flags.FLAGS.mark_as_parsed()  # Grain workers read absl flags (ENVIRONMENT.md)
-
     from exo2ego_jax.data import template
     from exo2ego_jax.data.build import build_ego_it
     from exo2ego_jax.data.loader import GrainBatchIterator, ToExample

@@ -36,7 +36,7 @@ def main(argv) -> int:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from exo2ego_jax.data.video import DataError
+    from exo2ego_jax.data.files import DataError
     from exo2ego_jax.eval.runner import EvalSettings, results_table, run_suite
     from exo2ego_jax.inference import load_model
     c = FLAGS.config

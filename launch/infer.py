@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--first_person", action="store_true", help="prefix the paper's first-person cue")
     a = p.parse_args(argv)
     from exo2ego_jax.data.template import FIRST_PERSON_CUE
-    from exo2ego_jax.data.video import DataError
+    from exo2ego_jax.data.files import DataError
     from exo2ego_jax.inference import answer_question, load_model
     question = f"{FIRST_PERSON_CUE} {a.question}" if a.first_person else a.question
     try:

@@ -32,7 +32,6 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per stage")
     args = p.parse_args(argv)
 
-    import jax
     import numpy as np
     import exo2ego_jax
     from exo2ego_jax.train.loop import train

@@ -15,7 +15,7 @@ import data_fixtures as fx  # noqa: E402
 import eval_fixtures as efx  # noqa: E402
 from exo2ego_jax.eval import benchmarks as B  # noqa: E402
 from exo2ego_jax.eval import prompts  # noqa: E402
-from exo2ego_jax.eval.runner import EvalSettings, results_table, run_benchmark, run_suite  # noqa: E402
+from exo2ego_jax.eval.runner import EvalSettings, results_table, run_benchmark  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,11 +67,11 @@ def test_loaders_read_the_official_formats(bench_root):
 
 
 def test_egoplan_frames_are_read_from_videos_and_frame_folders(bench_root, model):
-    from exo2ego_jax.inference import _frames_at
+    from exo2ego_jax.data.video import read_frames_at
     root, _ = bench_root
     plan = B.load_egoplan(os.path.join(root, "egoplan"), num_frames=4)
-    assert [fx.read_code(f) for f in _frames_at(plan[0].video, plan[0].frame_indices)] == [2, 11, 21, 30]
-    assert [fx.read_code(f) for f in _frames_at(plan[1].video, plan[1].frame_indices)] == [12] * 4
+    assert [fx.read_code(f) for f in read_frames_at(plan[0].video, plan[0].frame_indices)] == [2, 11, 21, 30]
+    assert [fx.read_code(f) for f in read_frames_at(plan[1].video, plan[1].frame_indices)] == [12] * 4
 
 
 def test_prompts_follow_videollama2():
@@ -102,7 +102,7 @@ def _accuracy_from(path, items):
 @pytest.mark.parametrize("mode", ["generate", "loglik"])
 def test_mcq_benchmark_end_to_end(bench_root, model, tmp_path, mode):
     root, _ = bench_root
-    items = B.load_vln_qa(os.path.join(root, "vln_qa")) + []
+    items = B.load_vln_qa(os.path.join(root, "vln_qa"))
     metrics = run_benchmark("vln_qa", os.path.join(root, "vln_qa"), model, str(tmp_path),
                             settings=EvalSettings(mode=mode), show_progress=False)
     assert metrics["vln_qa_mode"] == mode and metrics["vln_qa_n"] == 1 and metrics["vln_qa_skipped"] == 0

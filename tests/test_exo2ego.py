@@ -1,6 +1,4 @@
 """The Exo2Ego composite: VideoLLaMA2 conversion and parity with a PyTorch composition, splicing, shapes."""
-import json
-import os
 
 import numpy as np
 import pytest

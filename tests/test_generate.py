@@ -1,6 +1,5 @@
 """Generation: equals step-by-step argmax of the full forward; batched == unbatched; EOS; seeded sampling."""
 import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
 

@@ -2,7 +2,6 @@
 import importlib.util
 import os
 
-import jax
 import pytest
 
 from exo2ego_jax.models import registry

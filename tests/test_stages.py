@@ -1,22 +1,20 @@
 """Stage losses: gradients exactly on each stage's trainable set; loss terms and ablation switches."""
-import dataclasses
 
 import numpy as np
 import pytest
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from flax import traverse_util
 
 from exo2ego_jax.models import registry
 from exo2ego_jax.losses import LossConfig, feature_kl, vtg_loss
 from exo2ego_jax.models.clip import CLIPVisionConfig
-from exo2ego_jax.models.exo2ego import Exo2Ego, Exo2EgoConfig, example_inputs
+from exo2ego_jax.models.exo2ego import Exo2Ego, Exo2EgoConfig
 from exo2ego_jax.models.lora import LoRAConfig, path_matcher
 from exo2ego_jax.models.mapper import MapperConfig
 from exo2ego_jax.models.mistral import MistralConfig
 from exo2ego_jax.models.stc import STCConfig
-from exo2ego_jax.stages import STAGES, get_stage, stage_loss
+from exo2ego_jax.stages import get_stage, stage_loss
 
 
 def tiny_config(lora=None, mapper_kind="resnet"):

@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ import jax
 from flax import traverse_util
 
 import exo2ego_jax
-from exo2ego_jax.models.lora import path_matcher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 from exo2ego_jax.convert import clip as _clip
 from exo2ego_jax.convert import mistral as _mistral

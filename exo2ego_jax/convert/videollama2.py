@@ -59,7 +59,6 @@ def _prefixed(rules, target_prefix: str, source_prefix: str):
 
 def exo2ego_config_from_hf(hf: dict, *, mapper_width: int = 256, mapper_blocks: int = 9, scan_layers: bool = True,
                            fusion: str = "tokens"):
-    from exo2ego_jax.convert import clip_config_from_hf
     from exo2ego_jax.models.clip import CLIPVisionConfig
     from exo2ego_jax.models.exo2ego import Exo2EgoConfig
     from exo2ego_jax.models.mapper import MapperConfig

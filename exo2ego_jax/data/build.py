@@ -26,7 +26,8 @@ from typing import Callable, Optional, Sequence
 from exo2ego_jax.data import ego_exo4d, egoit
 from exo2ego_jax.data.records import make_record, write_records
 from exo2ego_jax.data.skips import SkipLog
-from exo2ego_jax.data.video import DataError, VideoError, read_clip, safe_join
+from exo2ego_jax.data.files import DataError
+from exo2ego_jax.data.video import read_clip, safe_join
 
 
 @dataclasses.dataclass
@@ -43,31 +44,18 @@ def _read(root: str, rel: str, num_frames: int, start, end, store_size: int):
     return read_clip(safe_join(root, rel), num_frames, start, end, short_side=store_size)
 
 
-def _skip_reason(e: Exception) -> str:
-    text = str(e)
-    if "does not exist" in text:
-        return "missing video"
-    if "0-byte" in text:
-        return "empty video file"
-    if "escapes the data root" in text or "absolute" in text:
-        return "video path outside the data root"
-    if "starts after the end" in text:
-        return "window outside the video"
-    return "corrupt video"
-
-
 def decode_narration(item: ego_exo4d.Narration, *, root: str, num_frames: int, store_size: int) -> Decoded:
     """One narration -> one record per exo camera (the ego clip is decoded once and shared)."""
     try:
         ego, meta = _read(root, item.ego_video, num_frames, item.start, item.end, store_size)
-    except (VideoError, DataError) as e:
-        return Decoded([], [(_skip_reason(e), f"{item.uid} ego: {e}")])
+    except DataError as e:
+        return Decoded([], [(e.reason, f"{item.uid} ego: {e}")])
     out = Decoded([], [], meta["padded"])
     for cam, path in item.exo_videos:
         try:
             exo, exo_meta = _read(root, path, num_frames, item.start, item.end, store_size)
-        except (VideoError, DataError) as e:
-            out.skips.append((_skip_reason(e), f"{item.uid} {cam}: {e}"))
+        except DataError as e:
+            out.skips.append((e.reason, f"{item.uid} {cam}: {e}"))
             continue
         out.padded_frames += exo_meta["padded"]
         out.records.append((item.split, make_record(
@@ -79,8 +67,8 @@ def decode_narration(item: ego_exo4d.Narration, *, root: str, num_frames: int, s
 def decode_sample(item: egoit.Sample, *, root: str, num_frames: int, store_size: int, split: str) -> Decoded:
     try:
         ego, meta = _read(root, item.video, num_frames, item.start, item.end, store_size)
-    except (VideoError, DataError) as e:
-        return Decoded([], [(_skip_reason(e), f"{item.uid}: {e}")])
+    except DataError as e:
+        return Decoded([], [(e.reason, f"{item.uid}: {e}")])
     record = make_record(ego_frames=ego, conversations=item.conversation_json(), source=item.source, uid=item.uid,
                          start=item.start or 0.0, end=item.end or 0.0)
     return Decoded([(split, record)], [], meta["padded"])

@@ -10,12 +10,11 @@ the Aria rgb stream and from every exo camera (frame-aligned MP4s share one time
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Optional, Sequence
 
+from exo2ego_jax.data.files import DataError, read_json
 from exo2ego_jax.data.skips import SkipLog
-from exo2ego_jax.data.video import DataError
 
 EGOCLIP_ALPHA = 4.9
 PSEUDO_CAMERAS = ("collage", "best_exo")
@@ -69,17 +68,6 @@ def mean_gap(timestamps: Sequence[float]) -> Optional[float]:
     return (ts[-1] - ts[0]) / (len(ts) - 1)   # the mean of consecutive gaps telescopes
 
 
-def _load_json(path: str, what: str):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist; is --src the Ego-Exo4D root (with takes.json and "
-                                "annotations/)?")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{what} {path!r} is not valid JSON ({e}); re-download it") from e
-
-
 def take_videos(take: dict, video_subdir: str = "") -> tuple[Optional[str], list[tuple[str, str]]]:
     """(ego rgb path, [(exo cam, path), ...]) relative to the root; `video_subdir` e.g. 'downscaled/448'."""
     videos = take.get("frame_aligned_videos") or {}
@@ -113,16 +101,16 @@ def plan_narrations(root: str, *, splits: Sequence[str] = ("train", "val"), alph
                     ) -> list[Narration]:
     """Every usable narration of the download, in a deterministic order; skips are counted in `skips`."""
     skips = skips if skips is not None else SkipLog()
-    takes_data = _load_json(os.path.join(root, "takes.json"), "takes.json")
+    takes_data = read_json(os.path.join(root, "takes.json"), "takes.json")
     takes = {t["take_uid"]: t for t in (takes_data if isinstance(takes_data, list) else takes_data.get("takes", []))}
     passes = []  # (split, take_uid, annotation_uid, descriptions)
     for split in splits:
         path = os.path.join(root, "annotations", f"atomic_descriptions_{split}.json")
-        data = _load_json(path, f"atomic descriptions ({split})")
+        data = read_json(path, f"atomic descriptions ({split})")
         if not isinstance(data, dict) or not isinstance(data.get("annotations"), dict):
             raise DataError(f"{path!r} has no 'annotations' mapping of take_uid -> passes")
-        for take_uid, annotations in sorted(data["annotations"].items()):
-            for a, ann in enumerate(annotations):
+        for take_uid, passes_of_take in sorted(data["annotations"].items()):
+            for a, ann in enumerate(passes_of_take):
                 if to_bool(ann.get("rejected", False), field="rejected"):
                     skips.skip("rejected annotation pass", f"{take_uid}/{ann.get('annotation_uid', a)}")
                     continue

@@ -14,9 +14,9 @@ import os
 import random
 from typing import Callable, Optional
 
+from exo2ego_jax.data.files import DataError, read_json, read_text
 from exo2ego_jax.data.skips import SkipLog
 from exo2ego_jax.data.template import normalize_turns
-from exo2ego_jax.data.video import DataError
 
 TEMPLATES_PATH = os.path.join(os.path.dirname(__file__), "resources", "egoit_templates.json")
 SOURCES = ("egtea", "ssv2", "egotimeqa", "openeqa", "egoexolearn")
@@ -33,26 +33,6 @@ class Sample:
 
     def conversation_json(self) -> str:
         return json.dumps([{"from": f, "value": v} for f, v in self.conversations], ensure_ascii=False)
-
-
-def read_text(path: str, what: str) -> str:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist; check --src")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{what} {path!r} is not UTF-8 (byte {e.start}, line {line}); re-encode it as UTF-8 "
-                        f"(e.g. iconv -f latin1 -t utf-8)") from e
-
-
-def read_json(path: str, what: str):
-    try:
-        return json.loads(read_text(path, what))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{what} {path!r} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
 
 
 def load_conversations(path: str, *, skips: Optional[SkipLog] = None, source: str = "") -> list[Sample]:

@@ -61,6 +61,7 @@ class ToExample:
         self.tokenizer_dir, self.seq_len, self.image_size = tokenizer_dir, seq_len, image_size
         self.num_frames, self.aspect, self.views, self.system_prompt = num_frames, aspect, tuple(views), system_prompt
         self._tokenizer = None
+        self._empty = 0  # samples whose answer truncation removed (counted per process)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -76,7 +77,7 @@ class ToExample:
 
     def _warn_empty(self, uid: str) -> None:
         """A sample whose answer was cut by truncation trains nothing: say so (first few per process)."""
-        self._empty = getattr(self, "_empty", 0) + 1
+        self._empty += 1
         if self._empty <= 5 or self._empty % 1000 == 0:
             log.warning("record %s has no answer tokens left after truncation to data.seq_len=%d (%d such records "
                         "so far in this process); raise data.seq_len", uid, self.seq_len, self._empty)

@@ -18,12 +18,10 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-RECORD_FIELDS = ("ego_frames", "exo_frames", "text", "conversations", "source", "take_uid", "exo_cam", "uid",
-                 "start", "end", "is_best_exo")
 NO_FRAMES = np.zeros((0, 0, 0, 3), np.uint8)
 
 
@@ -127,8 +125,3 @@ def decode_text(value) -> str:
     """TFDS `Text` reads back as bytes without TensorFlow."""
     return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
 
-
-def iter_records(root: str, split: str) -> Iterator[dict]:
-    source = open_records(root, split)
-    for i in range(len(source)):
-        yield source[i]

@@ -14,25 +14,28 @@ from typing import Optional, Sequence
 import numpy as np
 
 
-class DataError(ValueError):
-    """A data problem in a named input (file, record, field) with what to do about it."""
+from exo2ego_jax.data.files import DataError
 
 
 class VideoError(DataError):
     """A video that cannot be used: missing, empty, corrupt, or the window lies outside it."""
 
+    def __init__(self, message: str, reason: str = "corrupt video"):
+        super().__init__(message, reason)
+
 
 def safe_join(root: str, relative: str) -> str:
     """`root/relative`, refusing absolute paths and `..` that leave `root` (annotation files are untrusted)."""
     if not relative:
-        raise DataError(f"empty video path under {root!r}")
+        raise DataError(f"empty video path under {root!r}", "empty video path")
     if os.path.isabs(relative):
         raise DataError(f"video path {relative!r} is absolute; annotation paths must be relative to the data "
-                        f"root {root!r}")
+                        f"root {root!r}", "video path outside the data root")
     root_real = os.path.realpath(root)
     path = os.path.realpath(os.path.join(root_real, relative))
     if os.path.commonpath([root_real, path]) != root_real:
-        raise DataError(f"video path {relative!r} escapes the data root {root!r}; fix the annotation file")
+        raise DataError(f"video path {relative!r} escapes the data root {root!r}; fix the annotation file",
+                        "video path outside the data root")
     return path
 
 
@@ -72,9 +75,10 @@ class VideoInfo:
 def _open(path: str):
     import av
     if not os.path.exists(path):
-        raise VideoError(f"video {path!r} does not exist; check the data root and the annotation's path")
+        raise VideoError(f"video {path!r} does not exist; check the data root and the annotation's path",
+                         "missing video")
     if os.path.getsize(path) == 0:
-        raise VideoError(f"video {path!r} is an empty (0-byte) file; re-download it")
+        raise VideoError(f"video {path!r} is an empty (0-byte) file; re-download it", "empty video file")
     try:
         container = av.open(path)
     except Exception as e:  # PyAV raises several InvalidDataError subclasses
@@ -84,14 +88,6 @@ def _open(path: str):
         container.close()
         raise VideoError(f"{path!r} has no video stream")
     return container
-
-
-def probe(path: str) -> VideoInfo:
-    container = _open(path)
-    try:
-        return _info(container, path)
-    finally:
-        container.close()
 
 
 def _info(container, path: str) -> VideoInfo:
@@ -124,7 +120,8 @@ def read_clip(path: str, num_frames: int, start: Optional[float] = None, end: Op
         info = _info(container, path)
         if start is not None and start >= info.duration:
             raise VideoError(f"window [{start:.3f}, {end}] s starts after the end of {path!r} "
-                             f"({info.duration:.3f} s); the timestamps do not belong to this video")
+                             f"({info.duration:.3f} s); the timestamps do not belong to this video",
+                             "window outside the video")
         wanted = sample_frame_indices(info.num_frames, info.fps, num_frames, start, end)
         frames = _decode(container, path, info, sorted(set(wanted)), short_side)
     finally:
@@ -136,6 +133,35 @@ def read_clip(path: str, num_frames: int, start: Optional[float] = None, end: Op
     out = np.stack([frames.get(i, black) for i in wanted])
     padded = sum(i not in frames for i in wanted)
     return out, {"padded": padded, "indices": wanted, "info": info}
+
+
+def read_frames_at(path: str, indices: Sequence[int]) -> np.ndarray:
+    """Frames by index [T, H, W, 3] (indices clamped to the stream; EgoPlan's explicit frame lists), or from a
+    folder of `frame_{:010d}.jpg` files (the EPIC-KITCHENS rgb_frames layout)."""
+    if os.path.isdir(path):
+        return read_frame_files([os.path.join(path, f"frame_{int(i):010d}.jpg") for i in indices])
+    container = _open(path)
+    try:
+        info = _info(container, path)
+        clamped = [min(max(int(i), 0), info.num_frames - 1) for i in indices]
+        got = _decode(container, path, info, sorted(set(clamped)), None)
+    finally:
+        container.close()
+    if not got:
+        raise VideoError(f"no frame of {path!r} could be decoded at indices {list(indices)[:4]}...")
+    black = np.zeros_like(next(iter(got.values())))
+    return np.stack([got.get(i, black) for i in clamped])
+
+
+def read_frame_files(paths: Sequence[str]) -> np.ndarray:
+    """Still frames as uint8 [T, H, W, 3]."""
+    from PIL import Image
+    out = []
+    for p in paths:
+        if not os.path.exists(p):
+            raise VideoError(f"frame {p!r} does not exist; check the benchmark's frame folder", "missing video")
+        out.append(np.asarray(Image.open(p).convert("RGB"), np.uint8))
+    return np.stack(out)
 
 
 def _decode(container, path: str, info: VideoInfo, wanted: Sequence[int], short_side: Optional[int]) -> dict:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from exo2ego_jax.data.files import read_json, read_text
 from exo2ego_jax.eval.metrics import mir_metrics, multilabel_map
 
 # The paper's numbers (DATA_AND_BENCHMARKS §7; Avg = mean of the ten AVG_METRICS).
@@ -63,11 +64,6 @@ class Benchmark:
     metrics: Callable[..., dict]
 
 
-def _read_json(path: str, what: str):
-    from exo2ego_jax.data.egoit import read_json
-    return read_json(path, what)
-
-
 def _limit(items: list, max_items: int) -> list:
     return items[:max_items] if max_items and max_items > 0 else items
 
@@ -87,9 +83,9 @@ def _accuracy_metric(name):
 # -------------------------------------------------------------------------------------------- EgoSchema
 
 def load_egoschema(root: str, *, max_items: int = 0, subset_only: bool = True, **_) -> list[Item]:
-    questions = _read_json(os.path.join(root, "questions.json"), "EgoSchema questions.json")
+    questions = read_json(os.path.join(root, "questions.json"), "EgoSchema questions.json")
     answers_path = os.path.join(root, "subset_answers.json")
-    answers = _read_json(answers_path, "EgoSchema subset_answers.json") if os.path.exists(answers_path) else {}
+    answers = read_json(answers_path, "EgoSchema subset_answers.json") if os.path.exists(answers_path) else {}
     items = []
     for q in questions:
         if subset_only and q["q_uid"] not in answers:
@@ -112,7 +108,7 @@ def egoschema_metrics(preds, items, *, out_dir: str = "", **_) -> dict:
 # --------------------------------------------------------------------------------------------- QAEgo4D
 
 def load_qaego4d_closed(root: str, *, max_items: int = 0, seeds: Sequence[int] = QAEGO4D_SEEDS, **_) -> list[Item]:
-    data = _read_json(os.path.join(root, "annotations.QaEgo4D_test_close.json"), "QAEgo4D closed annotations")
+    data = read_json(os.path.join(root, "annotations.QaEgo4D_test_close.json"), "QAEgo4D closed annotations")
     items = []
     for rec in _limit(data, max_items):
         for seed in seeds:  # GroundVQA: shuffle([answer] + wrong_answers) per seed, accuracy averaged over seeds
@@ -125,7 +121,7 @@ def load_qaego4d_closed(root: str, *, max_items: int = 0, seeds: Sequence[int] =
 
 
 def load_qaego4d_open(root: str, *, max_items: int = 0, **_) -> list[Item]:
-    data = _read_json(os.path.join(root, "annotations.QaEgo4D_test.json"), "QAEgo4D open annotations")
+    data = read_json(os.path.join(root, "annotations.QaEgo4D_test.json"), "QAEgo4D open annotations")
     return [Item(rec["sample_id"], os.path.join(root, "videos", f"{rec['video_id']}.mp4"), rec["question"],
                  answer=rec["answer"]) for rec in _limit(data, max_items)]
 
@@ -173,7 +169,7 @@ def qaego4d_open_metrics(preds, items, *, judge: Optional[Callable] = None, **_)
 # -------------------------------------------------------------------------------------------- EgoTaskQA
 
 def _load_egotaskqa(root: str, split: str, *, max_items: int = 0, **_) -> list[Item]:
-    data = _read_json(os.path.join(root, f"egotaskqa_{split}.json"), f"EgoTaskQA {split} file")
+    data = read_json(os.path.join(root, f"egotaskqa_{split}.json"), f"EgoTaskQA {split} file")
     items = []
     for k, rec in enumerate(_limit(data, max_items)):
         letters = sorted(rec["option"])
@@ -189,7 +185,6 @@ CHARADES_QUESTION = "Which activity is the person doing in this video?"
 
 def load_charades_ego(root: str, *, max_items: int = 0, **_) -> list[Item]:
     base = os.path.join(root, "CharadesEgo")
-    from exo2ego_jax.data.egoit import read_text
     classes = []
     for line in read_text(os.path.join(base, "Charades_v1_classes.txt"), "Charades classes").splitlines():
         if line.strip():
@@ -224,7 +219,6 @@ def _seconds(stamp: str) -> float:
 
 def load_ek100_mir(root: str, *, max_items: int = 0, max_sentences: int = 0, **_) -> list[Item]:
     """Clips x sentences; each item's options are the sentences (similarity = option log-likelihood)."""
-    from exo2ego_jax.data.egoit import read_text
     clips = list(csv.DictReader(read_text(os.path.join(root, "EPIC_100_retrieval_test.csv"), "EK-100 MIR csv")
                                 .splitlines()))
     sentences = list(csv.DictReader(read_text(os.path.join(root, "EPIC_100_retrieval_test_sentence.csv"),
@@ -268,7 +262,7 @@ def egoplan_frames(rec: dict, num_frames: int) -> list[int]:
 
 
 def load_egoplan(root: str, *, max_items: int = 0, num_frames: int = 16, **_) -> list[Item]:
-    data = _read_json(os.path.join(root, "EgoPlan_validation.json"), "EgoPlan_validation.json")
+    data = read_json(os.path.join(root, "EgoPlan_validation.json"), "EgoPlan_validation.json")
     items = []
     for rec in _limit(data, max_items):
         frames_dir = os.path.join(root, "rgb_frames", rec["video_id"])
@@ -282,7 +276,7 @@ def load_egoplan(root: str, *, max_items: int = 0, num_frames: int = 16, **_) ->
 # ------------------------------------------------------------------------------------------------ VLN-QA
 
 def load_vln_qa(root: str, *, max_items: int = 0, **_) -> list[Item]:
-    data = _read_json(os.path.join(root, "egocentric_navigation.json"), "MVBench egocentric_navigation.json")
+    data = read_json(os.path.join(root, "egocentric_navigation.json"), "MVBench egocentric_navigation.json")
     items = []
     for k, rec in enumerate(_limit(data, max_items)):
         if rec["answer"] not in rec["candidates"]:
@@ -314,7 +308,7 @@ def _egomcq_video(root: str, clip: dict) -> tuple[str, float, float]:
 
 def load_egomcq(root: str, *, max_items: int = 0, **_) -> list[Item]:
     """One clip (the answer's) with the five candidate texts; types: 2 = inter, 1 = intra (the official metric)."""
-    data = _read_json(os.path.join(root, "egomcq.json"), "egomcq.json")
+    data = read_json(os.path.join(root, "egomcq.json"), "egomcq.json")
     items = []
     for key in sorted(data, key=lambda k: int(k)):
         rec = data[key]
@@ -339,7 +333,7 @@ def egomcq_metrics(preds, items, **_) -> dict:
 
 def load_mcq_json(root: str, *, max_items: int = 0, file: str = "mcq_val.json", **_) -> list[Item]:
     """`[{"uid", "video", "start", "end", "question", "options", "answer"}]` with videos relative to root."""
-    data = _read_json(os.path.join(root, file), "MCQ json")
+    data = read_json(os.path.join(root, file), "MCQ json")
     return _limit([Item(r["uid"], os.path.join(root, r["video"]), r["question"], r["options"], r.get("answer"),
                         r.get("start"), r.get("end")) for r in data], max_items)
 

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from exo2ego_jax.data.video import DataError
+from exo2ego_jax.data.files import DataError
 from exo2ego_jax.eval import prompts
 from exo2ego_jax.eval.benchmarks import (AVG_METRICS, BENCHMARKS, DATA_DIRS, PAPER, PAPER_AVG, Benchmark, Item,
                                          average)

@@ -9,7 +9,6 @@ import functools
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from exo2ego_jax.losses import vtg_loss

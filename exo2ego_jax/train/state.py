@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import optax
-from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 from exo2ego_jax.models import registry

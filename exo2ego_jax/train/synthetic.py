@@ -9,7 +9,6 @@ loader of this project follows: `next()` gives this process's rows of the next g
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
 
 import numpy as np
 
