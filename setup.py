@@ -32,6 +32,7 @@ INSTALL_REQUIRES = [
     "importlib_resources",  # TFDS builders defined in code import it
     "matplotlib",           # the demo's loss-curve plots
     "tqdm",
+    "tensorboardX>=2.6",    # TensorBoard event files without TensorFlow
     "scikit-learn>=1.5",  # average precision for the benchmark metrics
 ]
 
@@ -40,7 +41,10 @@ EXTRAS = {
     # wheels lie on the build machines' disk; any other torch spec pulls a multi-GB build.
     "test": [
         "pytest>=8",
+        "pytest-xdist",             # the suite runs on both cores (`-n 2`)
         "psutil",
+        "ruff",                     # the linter configuration in ruff.toml is a test
+        "tensorboard",              # TensorBoard's own reader checks the event files
         f"torch==2.14.1; {PY311}",
         f"torchvision==0.29.1; {PY311}",
         f"timm==1.0.3; {PY311}",

@@ -1,12 +1,15 @@
 """Shared ml_collections config for every stage: `get_base_config(stage, preset)`.
 
 Stage files (configs/stage0.py ... stage3.py) call this and set their own hyperparameters. Presets:
-  tiny  CPU in about a minute: random init, synthetic in-memory batches, float32.
+  tiny  CPU in about a minute: random init, the in-memory `toy` batches, float32.
   demo  the synthetic ego-exo dataset of the demo (a tiny model, CPU).
   7b    the paper's model (CLIP-L/14-336, STC, Mistral-7B) and hyperparameters, for GPU pods.
 Fields are validated at start-up (`exo2ego_jax.train.config.validate`): a bad value names the field.
 """
 import ml_collections
+
+from exo2ego_jax.errors import ConfigError
+from exo2ego_jax.models.sizes import CLIP_L14_336, MISTRAL_7B
 
 PRESETS = ("tiny", "demo", "7b")
 
@@ -14,10 +17,7 @@ PRESETS = ("tiny", "demo", "7b")
 def model_config(preset: str) -> ml_collections.ConfigDict:
     if preset == "7b":
         return ml_collections.ConfigDict(dict(
-            clip=dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, patch_size=14,
-                      image_size=336, select_layer=-2),
-            llm=dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-                     num_kv_heads=8, head_dim=128, rope_theta=1e6, sliding_window=None),
+            clip=dict(CLIP_L14_336, select_layer=-2), llm=dict(MISTRAL_7B),
             stc=dict(depth=4, variant="stc"),
             mapper=dict(kind="resnet", width=256, num_blocks=9, output_tanh=False, dropout=0.0),
             num_frames=16, fusion="tokens", length_buckets=(4096, 5120, 6144),
@@ -33,9 +33,14 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
         scan_layers=True, remat_policy="none", clip_remat_policy="none", attention_impl="xla"))
 
 
-def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
+def check_preset(preset: str, what: str) -> str:
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} for {stage}; choose one of {PRESETS}")
+        raise ConfigError(f"unknown preset {preset!r} for {what}; choose one of {PRESETS} (configs/FILE.py:PRESET)")
+    return preset
+
+
+def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
+    check_preset(preset, stage)
     c = ml_collections.ConfigDict()
     c.stage = stage
     c.preset = preset
@@ -50,19 +55,30 @@ def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(vtg_weight=1.0, cycle_weight=1.0, kl_weight=1.0, cycle="both",
                                             use_kl=True, kl_temperature=1.0, kl_direction="exo_to_mapped",
                                             kl_reduction="batchmean", detach_cycle_targets=True))
-    # Trainable params: regexes over '/'-joined param paths; each stage file sets its table (empty = the
-    # stage's default in exo2ego_jax/stages.py).
+    # Trainable params: regexes over '/'-joined param paths; each stage file shows its table from
+    # exo2ego_jax/train/stages.py (empty = that default). Everything else is frozen, kept in frozen_dtype,
+    # gets no optimizer state and, through stop_gradient, no weight gradient.
     c.trainable = ()
+    c.train_connector = False  # stage 1 only: also train the connector (our option; the paper trains the exo encoder)
     c.fusion = ""  # LLM input fusion for this stage; empty = the stage's default
 
     # Where the params start: a converted/exported checkpoint folder, the previous stage's workdir
     # (its `export/`), or nothing (random init; only sensible for tiny/demo).
-    c.init = ml_collections.ConfigDict(dict(checkpoint="", from_workdir="", allow_random=preset != "7b"))
+    # `reinit`: modules that start from a fresh seeded init instead of the checkpoint (e.g. ("mapper_f",
+    # "mapper_g") to train FC mappers from a checkpoint with ResNet ones; any of ego_encoder, exo_encoder,
+    # mapper_f, mapper_g, connector, llm).
+    c.init = ml_collections.ConfigDict(dict(checkpoint="", from_workdir="", allow_random=preset != "7b",
+                                            reinit=()))
 
     # Precision: trainable params keep float32 master weights; frozen params are stored in `frozen_dtype`;
     # compute runs in `compute_dtype`.
     c.compute_dtype = "bfloat16" if preset == "7b" else "float32"
     c.frozen_dtype = "bfloat16" if preset == "7b" else "float32"
+
+    # Frozen params on every device whole ("replicated": no collectives for them, more memory) or sharded like
+    # the trainable ones ("fsdp": gathered where used, once per microbatch). Trainable params and their
+    # optimizer state are always sharded (exo2ego_jax/sharding.py).
+    c.sharding = ml_collections.ConfigDict(dict(frozen="fsdp"))
 
     # Mesh ('data', 'fsdp', 'tensor'); -1 fills with the remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1) if preset == "7b" else (-1, 1, 1),
@@ -72,15 +88,18 @@ def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
                                              b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,
                                              no_decay=(r".*/bias", r".*/scale", r".*norm.*", r".*layrnorm.*")))
     c.batch_size = 8          # global batch per optimizer step (all processes)
-    c.microbatches = 1        # gradient accumulation steps inside one jitted step
+    # Rows per data-parallel device per microbatch; the gradient-accumulation steps follow from it
+    # (batch_size / (per_device_batch x data x fsdp)). 0: use `microbatches` as given.
+    c.per_device_batch = 0
+    c.microbatches = 1        # gradient accumulation steps inside one jitted step (when per_device_batch is 0)
     c.num_epochs = 1.0
     c.num_train_steps = -1    # > 0 overrides num_epochs
 
-    # Data: `synthetic` is an in-memory toy set; ego_exo_clip / ego_it / records read TFDS records built by
+    # Data: `toy` is an in-memory toy set; ego_exo_clip / ego_it / records read TFDS records built by
     # `python -m exo2ego_jax.data.build` under `root` through the Grain pipeline (exo2ego_jax/data/loader.py).
     # seq_len caps the text ids before the visual tokens are spliced (VideoLLaMA2's model_max_length 2048);
     # batches are padded to the smallest of text_buckets that fits. The tokenizer defaults to init.checkpoint's.
-    c.data = ml_collections.ConfigDict(dict(source="synthetic", root="", split="train", num_examples=16,
+    c.data = ml_collections.ConfigDict(dict(source="toy", root="", split="train", num_examples=16,
                                             seq_len=16, worker_count=0, shuffle=True, eval_split="",
                                             tokenizer="", aspect="crop", text_buckets=()))
     if preset == "7b":  # records built by exo2ego_jax.data.build; the tokenizer of the converted checkpoint

@@ -6,14 +6,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import base  # noqa: E402
+import base
+
+from exo2ego_jax.train.stages import STAGES
 
 
 def get_config(preset: str = "tiny"):
     c = base.get_base_config("init", preset)
-    # Trainable params: regexes over '/'-joined param paths (everything else is frozen, kept in frozen_dtype,
-    # and gets no optimizer state).
-    c.trainable = (r"connector/.*",)
+    c.trainable = STAGES["init"].trainable  # regexes over '/'-joined param paths (exo2ego_jax/train/stages.py)
     # the paper's rate for 7b; a larger one lets the tiny CPU presets move within a few dozen steps
     c.optim.learning_rate = 1e-3 if preset == "7b" else 1e-2
     c.optim.warmup_ratio = 0.1

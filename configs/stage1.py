@@ -1,4 +1,5 @@
-"""Stage 1, demonstrator self-preparation: exo clip-text VTG; exo encoder + connector, LLM frozen.
+"""Stage 1, demonstrator self-preparation: exo clip-text VTG on the exo encoder (LLM and connector frozen;
+--config.train_connector=True trains the connector too).
 
 python launch/stage1.py --config configs/stage1.py:<tiny|demo|7b> --workdir DIR
 """
@@ -6,14 +7,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import base  # noqa: E402
+import base
+
+from exo2ego_jax.train.stages import STAGES
 
 
 def get_config(preset: str = "tiny"):
     c = base.get_base_config("stage1", preset)
-    # Trainable params: regexes over '/'-joined param paths (everything else is frozen, kept in frozen_dtype,
-    # and gets no optimizer state).
-    c.trainable = (r"exo_encoder/.*", r"connector/.*")
+    c.trainable = STAGES["stage1"].trainable  # regexes over '/'-joined param paths (exo2ego_jax/train/stages.py)
     # the paper's rate for 7b; a larger one lets the tiny CPU presets move within a few dozen steps
     c.optim.learning_rate = 1e-4 if preset == "7b" else 1e-2
     c.optim.warmup_ratio = 0.03

@@ -1,38 +1,107 @@
-"""`load_pretrained`: open a converted (or exported) checkpoint as `(module, params)`.
+"""The on-disk checkpoint format, in one place: what converters, stage exports and `load_pretrained` share.
 
-A checkpoint folder holds `model_config.json` (kind, model config, storage dtype) and `params/`, an Orbax
-checkpoint of the param tree. Params are restored straight into their final dtype and, when a mesh is given,
-into their sharded layout (each device reads only its shard), so a full copy never sits on one device.
+A checkpoint folder holds
+
+    model_config.json   {"format": "exo2ego_jax", "format_version": 1, "kind": clip|mistral|exo2ego,
+                         "config": the model config, "dtype": storage dtype, ...provenance}
+    params/             an Orbax checkpoint of the param tree ('/'-paths as in the Flax modules)
+    tokenizer files     copied from the source (converted LLMs) or the previous stage (exports)
+
+`load_pretrained` restores params straight into their final dtype and, when a mesh is given, into their
+sharded layout (each device reads only its shard), so a full copy never sits on one device.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+import shutil
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from exo2ego_jax.convert.engine import CONFIG_FILE, FORMAT_NAME, PARAMS_DIR
+from exo2ego_jax.errors import CheckpointError
 from exo2ego_jax.models import registry
 from exo2ego_jax.models.lora import is_lora_path, peft_kaiming_uniform
+from exo2ego_jax.sharding import logical_shardings
+
+FORMAT_NAME = "exo2ego_jax"
+FORMAT_VERSION = 1
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+                   "preprocessor_config.json")
 
 
 def read_model_config(path: str) -> dict:
+    """The checkpoint's `model_config.json`, checked: format, version, kind."""
     config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint folder {path!r} does not exist")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
+        raise CheckpointError(f"{path!r} is a file, not a checkpoint folder; pass the folder that holds "
+                              f"{CONFIG_FILE} and {PARAMS_DIR}/")
     if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} is missing: {path!r} is not an exo2ego_jax checkpoint (convert HF "
-                                "weights with `python -m exo2ego_jax.convert KIND --hf_dir SRC --out DST`)")
-    meta = json.load(open(config_path))
-    if meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{config_path} has format {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+        raise CheckpointError(f"{config_path} is missing: {path!r} is not an exo2ego_jax checkpoint (convert HF "
+                              "weights with `python -m exo2ego_jax.convert KIND --hf_dir SRC --out DST`)")
+    try:
+        with open(config_path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_path} is not valid JSON ({e}); the checkpoint was not written completely or "
+                              "was edited: restore it or convert/export again") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{config_path} has format {meta.get('format') if isinstance(meta, dict) else meta!r}, "
+                              f"expected {FORMAT_NAME!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{config_path} has format_version {meta.get('format_version')!r}; this version of "
+                              f"exo2ego_jax reads format_version {FORMAT_VERSION}: use the matching exo2ego_jax or "
+                              "convert/export again")
+    if meta.get("kind") not in registry.MODEL_KINDS:
+        raise CheckpointError(f"{config_path} has kind {meta.get('kind')!r}; known kinds: {sorted(registry.MODEL_KINDS)}")
     return meta
 
 
-def load_pretrained(path: str, *, dtype: Optional[Any] = None, mesh: Optional[jax.sharding.Mesh] = None,
+def write_model_config(directory: str, *, kind: str, config: dict, dtype: str, **extra) -> dict:
+    """Write `model_config.json` (process 0 only in multi-host runs); returns what was written."""
+    meta = dict(format=FORMAT_NAME, format_version=FORMAT_VERSION, kind=kind, config=config, dtype=dtype, **extra)
+    if jax.process_index() == 0:
+        tmp = os.path.join(directory, CONFIG_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+        os.replace(tmp, os.path.join(directory, CONFIG_FILE))  # the file exists only when complete
+    return meta
+
+
+def save_params(directory: str, params) -> None:
+    """Write a whole param tree as `directory/params/` (Orbax; sharded arrays are written by their owners)."""
+    import orbax.checkpoint.experimental.v1 as ocp
+    save = getattr(ocp, "save", None) or ocp.save_pytree  # `save_pytree`: the older (0.12.4) name
+    save(os.path.join(directory, PARAMS_DIR), params)
+
+
+def write_checkpoint(directory: str, params, *, kind: str, config: dict, dtype: str, **extra) -> str:
+    """Params cast to `dtype` plus `model_config.json`: a folder `load_pretrained` opens."""
+    os.makedirs(directory, exist_ok=True)
+    save_params(directory, jax.tree.map(lambda x: x.astype(dtype), params))
+    write_model_config(directory, kind=kind, config=config, dtype=dtype, **extra)
+    return directory
+
+
+def copy_tokenizer_files(source: str, target: str) -> list[str]:
+    """Copy the tokenizer files found in `source` next to the weights in `target` (process 0)."""
+    if not source or not os.path.isdir(source):
+        return []
+    found = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(source, name))]
+    if jax.process_index() == 0:
+        for name in found:
+            shutil.copy2(os.path.join(source, name), os.path.join(target, name))
+    return found
+
+
+def load_pretrained(path: str, *, dtype: Any | None = None, mesh: jax.sharding.Mesh | None = None,
                     rules=None, lora_seed: int = 0, **config_overrides):
     """Return `(module, params)` for the checkpoint in `path`.
 
@@ -79,14 +148,14 @@ def load_pretrained(path: str, *, dtype: Optional[Any] = None, mesh: Optional[ja
         if p in flat:
             continue
         if not is_lora_path(p):
-            raise ValueError(f"param {p!r} is required by the requested config but missing from {path!r}")
+            raise CheckpointError(f"param {p!r} is required by the requested config but missing from {path!r}")
         key, sub = jax.random.split(key)
         want_dtype = store_dtype or jnp.float32
         value = _per_layer_init(sub, s.shape) if p.endswith("lora_a") else jnp.zeros(s.shape, jnp.float32)
         flat[p] = jax.device_put(value.astype(want_dtype), sharding_flat.get(p, default))
     extra = sorted(set(flat) - set(target_flat))
     if extra:
-        raise ValueError(f"checkpoint {path!r} has params the requested config does not use: {extra[:5]}")
+        raise CheckpointError(f"checkpoint {path!r} has params the requested config does not use: {extra[:5]}")
     return module, traverse_util.unflatten_dict(flat, sep="/")
 
 
@@ -103,14 +172,13 @@ def _stored_dtype(meta: dict, fallback):
 
 
 def _shardings(boxed_abstract, mesh, rules):
-    from exo2ego_jax.sharding import LOGICAL_AXIS_RULES, logical_shardings
-    return logical_shardings(boxed_abstract, mesh, rules or LOGICAL_AXIS_RULES)
+    return logical_shardings(boxed_abstract, mesh, rules)
 
 
 def _load_tree(params_dir: str, abstract):
     import orbax.checkpoint.experimental.v1 as ocp
     if not os.path.isdir(params_dir):
-        raise FileNotFoundError(f"{params_dir} is missing: the checkpoint was not written completely")
+        raise CheckpointError(f"{params_dir} is missing: the checkpoint was not written completely")
     load = getattr(ocp, "load", None) or ocp.load_pytree  # `load_pytree` is the older (0.12.4) name
     return load(params_dir, abstract)
 

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from exo2ego_jax.models.layers import check_choice
+from exo2ego_jax.constants import IGNORE_INDEX
+from exo2ego_jax.errors import ConfigError, check_choice
 
 KL_DIRECTIONS = ("exo_to_mapped", "mapped_to_exo")  # KL(y || F(x)) [the paper's], or KL(F(x) || y)
 KL_REDUCTIONS = ("batchmean", "mean")
@@ -31,13 +32,13 @@ class LossConfig:
         check_choice("loss.kl_direction", self.kl_direction, KL_DIRECTIONS)
         check_choice("loss.kl_reduction", self.kl_reduction, KL_REDUCTIONS)
         if self.kl_temperature <= 0:
-            raise ValueError(f"loss.kl_temperature must be > 0, got {self.kl_temperature}")
+            raise ConfigError(f"config field 'loss.kl_temperature' must be > 0, got {self.kl_temperature}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def vtg_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = -100):
+def vtg_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX):
     """Shifted next-token cross-entropy, mean over non-ignored targets. Returns (loss, number of targets)."""
     logits = logits[:, :-1].astype(jnp.float32)
     targets = labels[:, 1:]

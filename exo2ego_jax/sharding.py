@@ -1,52 +1,77 @@
 """The one place where logical axis names meet the physical ('data', 'fsdp', 'tensor') mesh.
 
 Every param carries logical names (`nn.with_logical_partitioning`); activations are constrained with the
-`activation_*` names. Changing the parallelism of a run means changing these rules or the mesh shape, never
-the model code.
+`activation_*` names (`models.layers.constrain`), which take effect under `nn.logical_axis_rules(rules)` and a
+mesh (the train step sets both). Changing the parallelism of a run means changing these rules or the mesh
+shape, never the model code.
+
+Params: FSDP over the model dimension (`embed` -> fsdp); with a tensor axis, Megatron-style tensor parallelism
+over heads / MLP / vocab / conv channels. Without one (tensor = 1), those dimensions shard over fsdp instead
+when the param has no `embed` dimension (conv kernels, LoRA B, norms), so no large trainable tensor is
+replicated. Activations: batch over (data, fsdp), heads and MLP over tensor.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import logging
+from collections.abc import Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from exo2ego_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+FROZEN_LAYOUTS = ("fsdp", "replicated")
+_PARAM_DIMS = ("vocab", "mlp", "heads", "kv_heads", "channels")
 
-LOGICAL_AXIS_RULES: tuple[tuple[str, Optional[str | tuple[str, ...]]], ...] = (
-    # activations
+log = logging.getLogger(__name__)
+
+ACTIVATION_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
     ("activation_embed", None),
-    # params: FSDP over the model dimension, tensor parallelism over heads / MLP / vocab
-    ("layers", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("lora_rank", None),
-    ("channels", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_channels", None),
 )
+
+
+def logical_rules(tensor_parallel: bool = True) -> tuple:
+    """Logical -> mesh axis rules; first match wins per dimension and a mesh axis is used once per array."""
+    second = "tensor" if tensor_parallel else "fsdp"
+    return ACTIVATION_RULES + (("layers", None), ("lora_rank", None), ("embed", "fsdp")) + tuple(
+        (name, second) for name in _PARAM_DIMS)
+
+
+LOGICAL_AXIS_RULES = logical_rules(tensor_parallel=True)
+
+
+def rules_for(mesh: Mesh) -> tuple:
+    """The rules a mesh uses: tensor parallelism when its tensor axis is larger than 1, else FSDP everywhere."""
+    return logical_rules(tensor_parallel=mesh.shape.get("tensor", 1) > 1)
 
 
 def mesh_shape(requested: Sequence[int], num_devices: int) -> tuple[int, ...]:
     """Resolve one -1 entry ("fill") and check that the product equals the device count."""
     shape = [int(x) for x in requested]
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh shape {tuple(requested)} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+        raise ConfigError(f"config field 'mesh.shape': {tuple(requested)} must have {len(MESH_AXES)} entries for "
+                          f"axes {MESH_AXES}")
     if shape.count(-1) > 1 or any(x == 0 or x < -1 for x in shape):
-        raise ValueError(f"mesh shape {tuple(requested)}: use positive sizes and at most one -1")
+        raise ConfigError(f"config field 'mesh.shape': {tuple(requested)}: use positive sizes and at most one -1")
     known = int(np.prod([x for x in shape if x != -1]))
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(f"mesh shape {tuple(requested)} cannot fill {num_devices} devices "
-                             f"({num_devices} is not divisible by {known})")
+            raise ConfigError(f"config field 'mesh.shape': {tuple(requested)} cannot fill {num_devices} devices "
+                              f"({num_devices} is not divisible by {known})")
         shape[shape.index(-1)] = num_devices // known
     if int(np.prod(shape)) != num_devices:
-        raise ValueError(f"mesh shape {tuple(shape)} (axes {MESH_AXES}) uses {int(np.prod(shape))} devices but "
-                         f"{num_devices} are available; make the product equal the device count or use -1")
+        raise ConfigError(f"config field 'mesh.shape': {tuple(shape)} (axes {MESH_AXES}) uses {int(np.prod(shape))} "
+                          f"devices but {num_devices} are available; make the product equal the device count or "
+                          "use -1")
     return tuple(shape)
 
 
@@ -56,18 +81,13 @@ def create_mesh(requested: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def logical_shardings(boxed_abstract, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+def logical_shardings(boxed_abstract, mesh: Mesh, rules=None):
     """NamedShardings for a boxed (abstract) param tree from its logical axis names.
 
     A dimension that its mesh axes do not divide (a tiny test vocab of 97 on a 2-way tensor axis) is
     replicated instead, with a log line, rather than failing deep inside `device_put`.
     """
-    import logging
-
-    import flax.linen as nn
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_abstract), rules)
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_abstract), rules or rules_for(mesh))
     values = nn.meta.unbox(boxed_abstract)
 
     def fit(spec, value):
@@ -77,9 +97,14 @@ def logical_shardings(boxed_abstract, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
                 continue
             size = int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
             if value.shape[dim] % size:
-                logging.getLogger(__name__).info("replicating dim %d of a %s param: %d is not divisible by %s=%d",
-                                                 dim, value.shape, value.shape[dim], axes, size)
+                log.info("replicating dim %d of a %s param: %d is not divisible by %s=%d", dim, value.shape,
+                         value.shape[dim], axes, size)
                 parts[dim] = None
         return NamedSharding(mesh, PartitionSpec(*parts))
 
     return jax.tree.map(fit, specs, values, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def replicate(tree, mesh: Mesh):
+    """The same tree of shardings, every leaf fully replicated on `mesh`."""
+    return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), tree)

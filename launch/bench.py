@@ -22,13 +22,20 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import flax.linen as nn  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import flax.linen as nn
 
-from exo2ego_jax.bench.timing import device_kind, emit, print_table, time_step  # noqa: E402
+from exo2ego_jax.bench.timing import device_kind, emit, print_table, time_step
+from exo2ego_jax.models.lora import LoRAConfig
+from exo2ego_jax.models.mistral import MistralConfig, MistralForCausalLM
+from exo2ego_jax.models.params import combine_params, path_matcher, split_params
+from exo2ego_jax.serve.generate import generate
+from exo2ego_jax.train.batches import global_batch, to_model_batch
+from exo2ego_jax.train.config import load_config_file, resolve
+from exo2ego_jax.train.loop import prepare
 
 MATMUL_CEILING_TFLOPS = 787.0  # measured bf16 8192^3 matmul on H200 (PERFORMANCE.md); H100 SXM is similar
 
@@ -42,8 +49,7 @@ SIZES = {
 
 def stage_config(stage: str, preset: str, **overrides):
     """A stage config on random weights and in-memory data, on one device (the bench's setting)."""
-    from exo2ego_jax.train.config import load_config_file
-    base = {"init.checkpoint": "", "init.from_workdir": "", "init.allow_random": True, "data.source": "synthetic",
+    base = {"init.checkpoint": "", "init.from_workdir": "", "init.allow_random": True, "data.source": "toy",
             "mesh.shape": (1, 1, 1), "mesh.num_devices": 1, "export.enabled": False}
     return load_config_file(os.path.join(ROOT, "configs", f"{stage}.py"), preset, {**base, **overrides})
 
@@ -67,7 +73,6 @@ def forward_flops(fn, *args) -> float:
 
 def bench_video_step(size: str, part: str, reps: int) -> dict:
     """The full stage-3 step (or the VideoLLaMA2 baseline path) through the training code."""
-    from exo2ego_jax.train.loop import global_batch, prepare, to_model_batch
     spec = SIZES[size]
     shape = spec["stage3" if part == "stage3" else "baseline"]
     overrides = {"batch_size": shape["batch"], "microbatches": 1, "data.num_examples": shape["batch"],
@@ -75,31 +80,28 @@ def bench_video_step(size: str, part: str, reps: int) -> dict:
     if part == "baseline":  # VideoLLaMA2's LoRA fine-tune: frozen tower, trained connector, x only
         overrides.update({"fusion": "none", "trainable": (r"llm/.*/lora_[ab]", r"connector/.*")})
     c = stage_config("stage3", spec["preset"], **overrides)
-    setup = prepare(c)
+    setup = prepare(resolve(c))
     batch = global_batch(to_model_batch(next(setup.data), jnp.dtype(c.compute_dtype)), setup.layout.batch)
     with jax.set_mesh(setup.mesh):
         timing, _ = time_step(setup.step_fn, setup.state, setup.frozen, batch, reps=reps, donate_first=True)
-    mc = setup.model_cfg
-    n_visual = mc.num_visual_tokens(setup.spec.fusion)
+    mc, fusion = setup.run.model, setup.run.stage.fusion
+    n_visual = mc.num_visual_tokens(fusion)
     seq = shape["text"] - 1 + n_visual
     tokens = shape["batch"] * seq
     useful = llm_useful_flops(mc.llm, mc.llm.lora.rank, tokens, seq, shape["batch"])
     # vision side: exact forward FLOPs from XLA, x3 when trained (forward + both gradients)
-    params = setup.frozen
-    frames = jnp.zeros((shape["batch"], mc.num_frames, mc.clip.image_size, mc.clip.image_size, 3), jnp.dtype(c.compute_dtype))
-    from exo2ego_jax.models.lora import combine_params
-    all_params = combine_params(jax.tree.map(lambda x: x.astype(jnp.dtype(c.compute_dtype)), setup.state["trainable"]), params)
+    dtype = jnp.dtype(c.compute_dtype)
+    frames = jnp.zeros((shape["batch"], mc.num_frames, mc.clip.image_size, mc.clip.image_size, 3), dtype)
+    all_params = combine_params(jax.tree.map(lambda x: x.astype(dtype), setup.state["trainable"]), setup.frozen)
     vision = forward_flops(lambda p, x: setup.module.apply({"params": p}, x, method="visual_tokens",
-                                                           fusion=setup.spec.fusion), all_params, frames)
+                                                           fusion=fusion), all_params, frames)
     useful += 3 * vision if part == "stage3" else vision + 2 * forward_flops(
         lambda p, x: setup.module.apply({"params": p}, x, method="connect"),
-        all_params, jnp.zeros((shape["batch"], mc.num_frames, mc.grid ** 2, mc.clip.hidden_size), jnp.dtype(c.compute_dtype)))
+        all_params, jnp.zeros((shape["batch"], mc.num_frames, mc.grid ** 2, mc.clip.hidden_size), dtype))
     return _row(part, timing, useful, tokens=tokens, items=shape["batch"], item_name="clips")
 
 
 def bench_lora(size: str, batch: int, seq: int, reps: int, remat: str, attention: str) -> dict:
-    from exo2ego_jax.models.lora import LoRAConfig, path_matcher, split_params, combine_params
-    from exo2ego_jax.models.mistral import MistralConfig, MistralForCausalLM
     preset = SIZES[size]["preset"]
     m = stage_config("stage3", preset).model.llm.to_dict()
     rank = 128 if size == "full" else 4
@@ -131,8 +133,6 @@ def bench_lora(size: str, batch: int, seq: int, reps: int, remat: str, attention
 
 
 def bench_decode(size: str, batch: int, reps: int, attention: str) -> dict:
-    from exo2ego_jax.generate import generate
-    from exo2ego_jax.models.mistral import MistralConfig, MistralForCausalLM
     d = SIZES[size]["decode"]
     m = stage_config("stage3", SIZES[size]["preset"]).model.llm.to_dict()
     cfg = MistralConfig(**m, dtype="bfloat16", param_dtype="bfloat16", attention_impl="xla")

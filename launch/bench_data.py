@@ -21,12 +21,19 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
+import numpy as np
+
+from exo2ego_jax.data import template
+from exo2ego_jax.data.builders import build_ego_it
+from exo2ego_jax.data.loader import GrainBatchIterator, ToExample
+from exo2ego_jax.data.preprocess import clip_frames
+from exo2ego_jax.data.records import open_records
+from exo2ego_jax.data.tokenizer import train_tokenizer
+from exo2ego_jax.data.video import read_clip, write_video
 
 
 def synthetic_take(path: str, height: int, width: int, seconds: float, fps: int = 30) -> None:
     """A textured moving scene (compresses like real video, unlike noise or flat colour)."""
-    from exo2ego_jax.data.video import write_video
     n = int(seconds * fps)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     frames = np.empty((n, height, width, 3), np.uint8)
@@ -52,13 +59,6 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="")
     a = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from exo2ego_jax.data import template
-    from exo2ego_jax.data.build import build_ego_it
-    from exo2ego_jax.data.loader import GrainBatchIterator, ToExample
-    from exo2ego_jax.data.preprocess import clip_frames
-    from exo2ego_jax.data.records import open_records
-    from exo2ego_jax.data.tokenizer import train_tokenizer
-    from exo2ego_jax.data.video import read_clip
 
     work = a.workdir or tempfile.mkdtemp(prefix="bench_data_")
     h, w = (int(x) for x in a.source_size.split("x"))

@@ -17,37 +17,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "launch"))
+
+import chain
+from exo2ego_jax.data import synthetic, template
+from exo2ego_jax.data.builders import format_summary
+from exo2ego_jax.data.tokenizer import train_tokenizer
+from exo2ego_jax.eval.runner import EvalSettings, run_benchmark
+from exo2ego_jax.serve.inference import answer_question, load_model
 
 # Optimizer steps per stage at --scale 1 (batch 8, CPU): the init stage also teaches the tiny LLM the
 # narration language (it stands in for VideoLLaMA2's pretraining, see configs/stage0.py).
 STEPS = {"stage0": 240, "stage1": 60, "stage2": 80, "stage3": 320}
 BASELINE_TRAINABLE = (r"llm/.*/lora_[ab]", r"ego_encoder/.*", r"connector/.*")
-
-
-def run_stage(stage: str, workdir: str, overrides: dict, log_path: str) -> float:
-    """`python launch/<stage>.py --config configs/<stage>.py:demo --workdir ... --config.k=v`; returns seconds."""
-    cmd = [sys.executable, os.path.join(ROOT, "launch", f"{stage}.py"), "--config",
-           os.path.join(ROOT, "configs", f"{stage}.py") + ":demo", "--workdir", workdir]
-    cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    t = time.time()
-    with open(log_path, "wb") as log:  # the stage's own progress bar on the terminal, everything in the log
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        while chunk := proc.stdout.read1(4096):
-            log.write(chunk)
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-        proc.wait()
-    if proc.returncode != 0:
-        tail = open(log_path).read()[-3000:]
-        raise SystemExit(f"{stage} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    return time.time() - t
 
 
 def losses(workdir: str) -> list[tuple[int, float]]:
@@ -80,16 +68,12 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
     p.add_argument("--workers", type=int, default=0, help="decoding processes for the record build")
     a = p.parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     started = time.time()
     work = os.path.abspath(a.workdir)
     data = os.path.join(work, "data")
     logs = os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)
 
-    from exo2ego_jax.data import synthetic, template
-    from exo2ego_jax.data.build import format_summary
-    from exo2ego_jax.data.tokenizer import train_tokenizer
     print(f"[1/5] synthetic ego-exo dataset (seed {a.seed}) -> {data}", flush=True)
     for summary in synthetic.build(data, seed=a.seed, preset="demo", workers=a.workers):
         print(format_summary(summary), flush=True)
@@ -112,14 +96,12 @@ def main(argv=None) -> int:
         overrides = dict(common, num_train_steps=steps[stage], checkpoint_every=steps[stage])
         overrides.update({k: (os.path.join(work, v) if k == "init.from_workdir" else v) for k, v in extra.items()})
         workdir = os.path.join(work, name)
-        timings[name] = run_stage(stage, workdir, overrides, os.path.join(logs, f"{name}.log"))
+        timings[name] = chain.run_stage(stage, "demo", workdir, overrides, os.path.join(logs, f"{name}.log"))
         curves[name] = losses(workdir)
         print(f"  {name}: {steps[stage]} steps, loss {curves[name][0][1]:.3f} -> {curves[name][-1][1]:.3f} "
               f"({timings[name]:.0f} s)", flush=True)
 
     print("[4/5] held-out multiple-choice clips", flush=True)
-    from exo2ego_jax.eval.runner import EvalSettings, run_benchmark
-    from exo2ego_jax.inference import answer_question, load_model
     rows = {}
     models = {"Exo2Ego (init, 1, 2, 3)": os.path.join(work, "stage3", "export"),
               "VideoLLaMA2 baseline (init, 3)": os.path.join(work, "baseline_stage3", "export")}

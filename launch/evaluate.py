@@ -14,8 +14,12 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
+
+from exo2ego_jax.errors import Exo2EgoError
+from exo2ego_jax.eval.runner import EvalSettings, results_table, run_suite
+from exo2ego_jax.serve.inference import load_model
 
 config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "eval.py") + ":all", "eval config")
 flags.DEFINE_string("checkpoint", None, "converted checkpoint or a stage's export/ folder", required=True)
@@ -36,9 +40,6 @@ def main(argv) -> int:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from exo2ego_jax.data.files import DataError
-    from exo2ego_jax.eval.runner import EvalSettings, results_table, run_suite
-    from exo2ego_jax.inference import load_model
     c = FLAGS.config
     try:
         settings = EvalSettings(mode=c.mode, fallback=c.fallback, first_person=c.first_person,
@@ -52,7 +53,7 @@ def main(argv) -> int:
         out = FLAGS.out or os.path.join(FLAGS.checkpoint, "eval")
         metrics = run_suite(tuple(c.benchmarks), FLAGS.data_root, model, out, settings=settings,
                             load_options=options, judge=load_judge(c.judge), show_progress=FLAGS.progress)
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except Exo2EgoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(results_table(metrics))

@@ -2,7 +2,7 @@
 
   python launch/infer.py --checkpoint DIR --video clip.mp4 --question "What am I doing?" [--start 3.2 --end 5.0]
 
-The same as `exo2ego_jax.inference.answer_question(load_model(DIR), video, question)` in Python.
+The same as `exo2ego_jax.serve.inference.answer_question(load_model(DIR), video, question)` in Python.
 """
 import argparse
 import os
@@ -10,6 +10,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from exo2ego_jax.data.prompts import with_cue
+from exo2ego_jax.errors import Exo2EgoError
+from exo2ego_jax.serve.inference import answer_question, load_model
 
 
 def main(argv=None) -> int:
@@ -24,15 +28,12 @@ def main(argv=None) -> int:
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--first_person", action="store_true", help="prefix the paper's first-person cue")
     a = p.parse_args(argv)
-    from exo2ego_jax.data.template import FIRST_PERSON_CUE
-    from exo2ego_jax.data.files import DataError
-    from exo2ego_jax.inference import answer_question, load_model
-    question = f"{FIRST_PERSON_CUE} {a.question}" if a.first_person else a.question
+    question = with_cue(a.question, a.first_person)
     try:
         model = load_model(a.checkpoint)
         print(answer_question(model, a.video, question, start=a.start, end=a.end, max_new_tokens=a.max_new_tokens,
                               temperature=a.temperature, top_p=a.top_p))
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except Exo2EgoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

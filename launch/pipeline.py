@@ -14,15 +14,18 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-STAGES = ("stage0", "stage1", "stage2", "stage3")
+import numpy as np
 
-
-def load_config(stage: str, preset: str):
-    from exo2ego_jax.train.config import load_config_file
-    return load_config_file(os.path.join(ROOT, "configs", f"{stage}.py"), preset)
+import chain
+import exo2ego_jax
+from exo2ego_jax.constants import IGNORE_INDEX
+from exo2ego_jax.train.batches import to_model_batch
+from exo2ego_jax.train.config import apply_overrides, load_config_file
+from exo2ego_jax.train.loop import train
+from exo2ego_jax.train.toy_data import toy_examples
 
 
 def main(argv=None) -> int:
@@ -32,18 +35,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per stage")
     args = p.parse_args(argv)
 
-    import numpy as np
-    import exo2ego_jax
-    from exo2ego_jax.train.loop import train
-
     rows, previous = [], None
-    for stage in STAGES:
-        c = load_config(stage, args.preset)
-        c.num_train_steps = args.steps
-        c.checkpoint_every = args.steps
-        c.mesh.shape, c.mesh.num_devices = (1, 1, 1), 1
-        if previous is not None:
-            c.init.from_workdir = previous
+    for stage in chain.STAGE_FILES:
+        c = load_config_file(chain.config_path(stage), args.preset)
+        apply_overrides(c, {"num_train_steps": args.steps, "checkpoint_every": args.steps, "mesh.shape": (1, 1, 1),
+                            "mesh.num_devices": 1, **chain.after(previous)})
         workdir = os.path.join(args.workdir, stage)
         t = time.time()
         result = train(c, workdir, show_progress=True)
@@ -57,12 +53,10 @@ def main(argv=None) -> int:
 
     module, params = exo2ego_jax.load_pretrained(os.path.join(previous, "export"))
     cfg = module.config
-    from exo2ego_jax.train.synthetic import synthetic_examples
-    from exo2ego_jax.train.loop import to_model_batch
-    example = synthetic_examples(1, frames=cfg.num_frames, image_size=cfg.clip.image_size,
-                                 vocab_size=cfg.llm.vocab_size, seq_len=16, seed=123)[0]
+    example = toy_examples(1, frames=cfg.num_frames, image_size=cfg.clip.image_size,
+                           vocab_size=cfg.llm.vocab_size, seq_len=16, seed=123)[0]
     batch = to_model_batch({k: v[None] for k, v in example.items()}, np.float32)
-    prompt_len = int(np.nonzero(example["labels"] != -100)[0][0])  # the answer starts here
+    prompt_len = int(np.nonzero(example["labels"] != IGNORE_INDEX)[0][0])  # the answer starts here
     ids = batch["input_ids"][:, :prompt_len]
     logits = module.apply({"params": params}, ids, batch["ego_pixels"])
     print(f"stage-3 export: {cfg.num_visual_tokens()} visual tokens per clip (fusion {cfg.fusion!r}); "

@@ -18,8 +18,17 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from exo2ego_jax.bench.profile import attribute, hlo_op_names, load_trace_events
+from exo2ego_jax.bench.timing import device_kind, print_table
+from exo2ego_jax.errors import ConfigError
+from exo2ego_jax.train.batches import global_batch, to_model_batch
+from exo2ego_jax.train.config import resolve
+from exo2ego_jax.train.loop import prepare
 
 config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "stage2.py") + ":tiny",
                                 "a stage-2 config file with :preset", lock_config=True)
@@ -38,18 +47,17 @@ def analysis_to_dict(obj) -> dict:
     return {k: getattr(obj, k) for k in dir(obj) if not k.startswith("_") and isinstance(getattr(obj, k), (int, float))}
 
 
-def profile(c, trace_dir: str, *, steps: int, warmup: int, top: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-    from exo2ego_jax.bench.profile import attribute, hlo_op_names, load_trace_events
-    from exo2ego_jax.bench.timing import device_kind, print_table
-    from exo2ego_jax.train.loop import global_batch, prepare, to_model_batch
+def write_json(path: str, value) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
 
+
+def profile(c, trace_dir: str, *, steps: int, warmup: int, top: int) -> dict:
     if c.stage != "stage2":
-        raise ValueError(f"config field 'stage' is {c.stage!r}: this tool profiles the stage-2 step (configs/stage2.py)")
+        raise ConfigError(f"config field 'stage' is {c.stage!r}: this tool profiles the stage-2 step (configs/stage2.py)")
     c.unlock()
     c.export.enabled = False
-    setup = prepare(c)
+    setup = prepare(resolve(c))
     batch = global_batch(to_model_batch(next(setup.data), jnp.dtype(c.compute_dtype)), setup.layout.batch)
     os.makedirs(os.path.join(trace_dir, "hlo"), exist_ok=True)
     with jax.set_mesh(setup.mesh):
@@ -66,8 +74,8 @@ def profile(c, trace_dir: str, *, steps: int, warmup: int, top: int) -> dict:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     cost = analysis_to_dict(cost)
     memory = analysis_to_dict(compiled.memory_analysis())
-    json.dump(cost, open(os.path.join(trace_dir, "cost_analysis.json"), "w"), indent=2)
-    json.dump(memory, open(os.path.join(trace_dir, "memory_analysis.json"), "w"), indent=2)
+    write_json(os.path.join(trace_dir, "cost_analysis.json"), cost)
+    write_json(os.path.join(trace_dir, "memory_analysis.json"), memory)
 
     state, frozen = setup.state, setup.frozen
     with jax.set_mesh(setup.mesh):
@@ -88,7 +96,7 @@ def profile(c, trace_dir: str, *, steps: int, warmup: int, top: int) -> dict:
                    bytes_accessed=cost.get("bytes accessed", 0.0), tflops_per_s=flops / step_s / 1e12,
                    components=rows, top_ops=top_ops, memory=memory,
                    loss={k: float(v) for k, v in jax.device_get(metrics).items()})
-    json.dump(summary, open(os.path.join(trace_dir, "summary.json"), "w"), indent=2)
+    write_json(os.path.join(trace_dir, "summary.json"), summary)
 
     print(f"stage-2 step on {summary['device']} ({c.preset}): {step_s * 1e3:.2f} ms/step, "
           f"{flops / 1e9:.2f} GFLOP/step (XLA cost analysis), {summary['tflops_per_s']:.3f} TFLOP/s, "

@@ -17,7 +17,11 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax
 import numpy as np
+
+from exo2ego_jax.checkpoints import load_pretrained
+from exo2ego_jax.models.mistral import init_cache
 
 
 def main(argv=None):
@@ -26,11 +30,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    import torch
+    import torch  # the PyTorch references come with the `test` extra
     import transformers
-    import jax
-    import exo2ego_jax
-    from exo2ego_jax.models.mistral import init_cache
 
     torch.manual_seed(args.seed)
     os.makedirs(args.workdir, exist_ok=True)
@@ -47,14 +48,14 @@ def main(argv=None):
             subprocess.run([sys.executable, "-m", "exo2ego_jax.convert", name, "--hf_dir", src, "--out", dst,
                             "--dtype", "float32"], check=True)
 
-    clip, clip_params = exo2ego_jax.load_pretrained(os.path.join(args.workdir, "jax_clip"))
+    clip, clip_params = load_pretrained(os.path.join(args.workdir, "jax_clip"))
     pixels = np.random.default_rng(args.seed).normal(size=(2, 56, 56, 3)).astype(np.float32)
     feats = np.asarray(jax.jit(clip.apply)({"params": clip_params}, pixels))
     with torch.no_grad():
         ref = hf_clip(torch.from_numpy(pixels.transpose(0, 3, 1, 2)), output_hidden_states=True).hidden_states[-2][:, 1:]
     print(f"CLIP features {feats.shape}: max |jax - transformers| = {np.abs(feats - ref.numpy()).max():.2e}")
 
-    llm, llm_params = exo2ego_jax.load_pretrained(os.path.join(args.workdir, "jax_mistral"))
+    llm, llm_params = load_pretrained(os.path.join(args.workdir, "jax_mistral"))
     prompt = np.random.default_rng(args.seed).integers(3, 128, size=(1, 8))
     logits = np.asarray(llm.apply({"params": llm_params}, prompt))
     with torch.no_grad():

@@ -5,7 +5,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from exo2ego_jax.train.cli import run  # noqa: E402
+from exo2ego_jax.train.cli import run
 
 if __name__ == "__main__":
     run(os.path.join(ROOT, "configs", "stage3.py") + ":tiny")

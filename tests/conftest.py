@@ -7,15 +7,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 8 fake CPU devices for the sharding tests; unsharded computations still run on device 0.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One persistent compilation cache for the session and the processes it launches: identical tiny programs
+# (the same stage config in several tests and subprocesses) compile once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="exo2ego_jax_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np
 import pytest
 
-TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                 patch_size=4, image_size=16, num_channels=3)
-TINY_MISTRAL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                    rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+from tests.helpers import TINY_CLIP, TINY_MISTRAL
 
 
 def torch_seed(seed: int):
@@ -74,8 +77,8 @@ def rng():
 @pytest.fixture(scope="session")
 def llm(hf_mistral, tmp_path_factory):
     """The tiny HF Mistral converted (float32, scanned) and loaded: `(module, params)`."""
-    import exo2ego_jax
+    from exo2ego_jax.checkpoints import load_pretrained
     from exo2ego_jax.convert import convert_mistral
     path = str(tmp_path_factory.mktemp("mistral_converted"))
     convert_mistral(hf_mistral[1], path, dtype="float32", show_progress=False)
-    return exo2ego_jax.load_pretrained(path)
+    return load_pretrained(path)

@@ -73,7 +73,7 @@ def ego_exo4d(root: str) -> dict:
     write_coded(os.path.join(root, "takes/kitchen_b_2/frame_aligned_videos/aria02_214-1.mp4"), 120)
     write_coded(os.path.join(root, "takes/kitchen_b_2/frame_aligned_videos/cam01.mp4"), 120, offset=128)
     _dump(os.path.join(root, "takes.json"), takes)
-    desc = lambda text, t, **kw: {"text": text, "timestamp": t, "narration_subject": "C", "ego_visible": True,  # noqa
+    desc = lambda text, t, **kw: {"text": text, "timestamp": t, "narration_subject": "C", "ego_visible": True,
                                   "unsure": False, "best_exo": {"raw_cam_id": "2", "cam_id": "gp02"}, **kw}
     train = {"annotations": {
         "take-a": [

@@ -125,7 +125,7 @@ def write_all(root: str) -> dict:
     _video(os.path.join(d, "video", "vlnqa", "left", "4504_frame52.mp4"))
     # EgoMCQ: one inter (types 2), one intra (types 1) whose video is in 600 s chunks
     d = os.path.join(root, "egomcq")
-    clip = lambda uid, s, e, text: {"video_uid": uid, "clip_start": s, "clip_end": e, "clip_text": text}  # noqa
+    clip = lambda uid, s, e, text: {"video_uid": uid, "clip_start": s, "clip_end": e, "clip_text": text}
     _dump(os.path.join(d, "egomcq.json"), {
         "0": {"answer": 2, "types": 2, "query": clip("ab12", 0.2, 0.8, "#C C opens the tap"),
               "choices": {str(k): clip("ab12" if k == 2 else f"other{k}", 0.2, 0.8, f"#C C {o}")
@@ -140,20 +140,16 @@ def write_all(root: str) -> dict:
 
 def tiny_checkpoint(path: str, tokenizer_dir: str, *, vocab_size: int = 512, seed: int = 0) -> str:
     """A random tiny Exo2Ego (the demo preset's shapes) exported with its tokenizer, as stage exports are."""
-    import shutil
+    import flax.linen as nn
     import jax
+    from exo2ego_jax.checkpoints import copy_tokenizer_files, write_checkpoint
     from exo2ego_jax.models.exo2ego import Exo2Ego, example_inputs
-    from exo2ego_jax.train.checkpointing import export_params
-    from exo2ego_jax.train.config import load_config_file, model_config
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    c = load_config_file(os.path.join(root, "configs", "stage3.py"), "demo", {"lora.enabled": False})
-    cfg = model_config(c)
+    from exo2ego_jax.train.config import model_config
+    from tests.helpers import stage_config
+    cfg = model_config(stage_config("stage3", "demo", **{"lora.enabled": False}))
     module = Exo2Ego(cfg)
     ids, pixels = example_inputs(cfg)
-    import flax.linen as nn
     params = nn.meta.unbox(jax.jit(lambda k: module.init(k, ids, pixels, method="init_all"))(jax.random.key(seed)))
-    params = params["params"]
-    export_params(path, params, cfg.to_dict(), dtype="float32")
-    for name in os.listdir(tokenizer_dir):
-        shutil.copy2(os.path.join(tokenizer_dir, name), os.path.join(path, name))
+    write_checkpoint(path, params["params"], kind="exo2ego", config=cfg.to_dict(), dtype="float32")
+    copy_tokenizer_files(tokenizer_dir, path)
     return path

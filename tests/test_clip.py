@@ -47,7 +47,7 @@ def test_remat_and_scan_do_not_change_features(hf_clip, tmp_path):
     base = base_module.apply({"params": base_params}, pixels)
     for overrides in (dict(remat_policy="full"), dict(scan_layers=False, remat_policy="dots")):
         module, params = exo2ego_jax.load_pretrained(str(tmp_path / "ckpt"), **overrides)
-        loss = lambda p: jnp.sum(module.apply({"params": p}, pixels) ** 2)
+        loss = lambda p, module=module: jnp.sum(module.apply({"params": p}, pixels) ** 2)
         np.testing.assert_allclose(module.apply({"params": params}, pixels), base, atol=1e-6)
         grads = jax.grad(loss)(params)
         assert float(jnp.abs(jax.tree.leaves(grads)[0]).sum()) > 0

@@ -28,8 +28,10 @@ def write_sharded_mistral(path, *, hidden, inter, layers, vocab, shards, dtype=n
                "lm_head.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        tensors.update({p + "self_attn.q_proj.weight": (heads * hd, hidden), p + "self_attn.k_proj.weight": (kv * hd, hidden),
-                        p + "self_attn.v_proj.weight": (kv * hd, hidden), p + "self_attn.o_proj.weight": (hidden, heads * hd),
+        tensors.update({p + "self_attn.q_proj.weight": (heads * hd, hidden),
+                        p + "self_attn.k_proj.weight": (kv * hd, hidden),
+                        p + "self_attn.v_proj.weight": (kv * hd, hidden),
+                        p + "self_attn.o_proj.weight": (hidden, heads * hd),
                         p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
                         p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
                         p + "post_attention_layernorm.weight": (hidden,)})
@@ -40,7 +42,7 @@ def write_sharded_mistral(path, *, hidden, inter, layers, vocab, shards, dtype=n
         chunk = {n: rng.standard_normal(tensors[n], dtype=np.float32).astype(dtype) for n in names[s::shards]}
         total += sum(a.nbytes for a in chunk.values())
         save_file(chunk, os.path.join(path, fname))
-        weight_map.update({n: fname for n in chunk})
+        weight_map.update(dict.fromkeys(chunk, fname))
         del chunk
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
               open(os.path.join(path, "model.safetensors.index.json"), "w"))
@@ -224,8 +226,11 @@ def test_transformers4_prefix_and_full_clip_model(hf_clip, tmp_path):
 
 def test_load_pretrained_on_a_non_checkpoint(tmp_path):
     import exo2ego_jax
-    with pytest.raises(FileNotFoundError, match="model_config.json is missing"):
+    with pytest.raises(CheckpointError, match="model_config.json is missing"):
         exo2ego_jax.load_pretrained(str(tmp_path))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file, not a checkpoint folder"):
+        exo2ego_jax.load_pretrained(str(tmp_path / "a_file"))
 
 
 def test_tokenizer_files_are_copied(hf_clip, tmp_path):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import data_fixtures as fx  # noqa: E402
-from exo2ego_jax.data import ego_exo4d, egoit, template  # noqa: E402
-from exo2ego_jax.data.build import build_dataset, build_ego_exo_clip, build_ego_it, decode_narration
+import data_fixtures as fx
+from exo2ego_jax.data import ego_exo4d, egoit, template
+from exo2ego_jax.data.builders import build_dataset, build_ego_exo_clip, build_ego_it, decode_narration
 from exo2ego_jax.data.records import open_records, split_sizes
 from exo2ego_jax.data.skips import SkipLog
 from exo2ego_jax.data.video import (DataError, VideoError, read_clip, safe_join, sample_frame_indices,
@@ -353,7 +353,8 @@ def test_tokenizer_has_mistral_conventions(tokenizer, tmp_path):
 
 
 def test_conversation_template_rendering_and_masking(tokenizer):
-    conv = [{"from": "human", "value": "What does the person do?\n<video>"}, {"from": "gpt", "value": "C picks up the red cube"},
+    conv = [{"from": "human", "value": "What does the person do?\n<video>"},
+            {"from": "gpt", "value": "C picks up the red cube"},
             {"from": "human", "value": "and then?"}, {"from": "gpt", "value": "the blue ball rolls away"}]
     text, spans = template.render(template.normalize_turns(conv))
     assert text == ("[INST] <<SYS>>\n" + template.SYSTEM_PROMPT + "\n<</SYS>>\n\n<video>\nWhat does the person do? "
@@ -397,6 +398,13 @@ def synthetic_records(tmp_path_factory):
     return {"out": out, "summaries": summaries}
 
 
+def loader(c, process_index=0, process_count=1):
+    """The training loop's batch iterator for config `c` (its Grain pipeline over the records)."""
+    from exo2ego_jax.train.config import resolve
+    from exo2ego_jax.train.loop import make_data
+    return make_data(resolve(c), process_index=process_index, process_count=process_count)
+
+
 def loader_config(stage, synthetic_records, **overrides):
     from exo2ego_jax.train.config import load_config_file
     base = {"data.root": os.path.join(synthetic_records["out"], "records"),
@@ -427,29 +435,24 @@ def test_synthetic_dataset_is_deterministic_and_synchronised(synthetic_records, 
 
 
 def test_loader_batches_views_and_buckets(synthetic_records):
-    from exo2ego_jax.data.loader import make_iterator
-    from exo2ego_jax.train.config import model_config
     c = loader_config("stage2", synthetic_records)
-    batch = next(make_iterator(c, model_config(c)))
+    batch = next(loader(c))
     assert batch["ego_frames"].shape == (4, 4, 16, 16, 3) and batch["exo_frames"].shape == (4, 4, 16, 16, 3)
     assert batch["input_ids"].shape[1] == 32  # the smallest text bucket (32, 64, 128) that fits
     assert (batch["input_ids"] == template.VIDEO_TOKEN_INDEX).sum(1).tolist() == [1, 1, 1, 1]
     assert not np.array_equal(batch["ego_frames"], batch["exo_frames"])
     c3 = loader_config("stage3", synthetic_records)
-    batch3 = next(make_iterator(c3, model_config(c3)))
+    batch3 = next(loader(c3))
     assert "exo_frames" not in batch3 and batch3["input_ids"].shape[1] in (64, 128)
     assert (batch3["labels"] != template.IGNORE_INDEX).any(1).all()  # the answers survive truncation
     bad = loader_config("stage2", synthetic_records, **{"data.source": "ego_it"})
     with pytest.raises(ValueError, match="no exo frames"):
-        next(make_iterator(bad, model_config(bad)))
+        next(loader(bad))
 
 
 def test_loader_order_is_deterministic_and_resumes(synthetic_records):
-    from exo2ego_jax.data.loader import make_iterator
-    from exo2ego_jax.train.config import model_config
     c = loader_config("stage2", synthetic_records)
-    m = model_config(c)
-    a, b = make_iterator(c, m), make_iterator(c, m)
+    a, b = loader(c), loader(c)
     first = [next(a) for _ in range(5)]  # crosses an epoch boundary (12 train records / 4)
     assert all(np.array_equal(x["input_ids"], y["input_ids"]) and np.array_equal(x["ego_frames"], y["ego_frames"])
                for x, y in zip(first, [next(b) for _ in range(5)]))
@@ -459,30 +462,28 @@ def test_loader_order_is_deterministic_and_resumes(synthetic_records):
         if k == 2:
             state = json.loads(json.dumps(a.get_state()))  # the checkpoint stores it as JSON
         next(a)
-    resumed = make_iterator(c, m)
+    resumed = loader(c)
     resumed.set_state(state)
     for x in first[2:]:
         y = next(resumed)
         assert np.array_equal(x["ego_frames"], y["ego_frames"]) and np.array_equal(x["labels"], y["labels"])
-    other = make_iterator(loader_config("stage2", synthetic_records, seed=7), m)
+    other = loader(loader_config("stage2", synthetic_records, seed=7))
     assert not np.array_equal(next(other)["ego_frames"], first[0]["ego_frames"])
     with pytest.raises(ValueError, match="global_batch"):
-        make_iterator(loader_config("stage2", synthetic_records, batch_size=2), m).set_state(state)
+        loader(loader_config("stage2", synthetic_records, batch_size=2)).set_state(state)
 
 
 def test_loader_shards_records_across_processes(synthetic_records):
-    from exo2ego_jax.data.loader import make_iterator
-    from exo2ego_jax.train.config import model_config
     c = loader_config("stage1", synthetic_records, **{"data.shuffle": False})
-    m = model_config(c)
-    whole = next(make_iterator(c, m))
-    halves = [next(make_iterator(c, m, process_index=i, process_count=2)) for i in range(2)]
+    whole = next(loader(c))
+    halves = [next(loader(c, process_index=i, process_count=2)) for i in range(2)]
     assert all(h["exo_frames"].shape[0] == 2 for h in halves)
-    frames = lambda b: {x.tobytes() for x in b["exo_frames"]}  # noqa: E731
+    frames = lambda b: {x.tobytes() for x in b["exo_frames"]}
     assert not frames(halves[0]) & frames(halves[1])  # disjoint shards
     assert len(frames(whole)) == 4
 
 
+@pytest.mark.slow
 def test_training_on_records_resumes_with_the_loader_state(synthetic_records, tmp_path):
     """Stage 2 through the training loop on Grain batches; a run stopped at step 2 and restarted reproduces
     steps 3-4 of an uninterrupted run (the Grain iterator state is saved with the train state)."""

@@ -1,4 +1,5 @@
 """The README's main command at a smoke scale: every stage, both models, the question and the outputs."""
+import pytest
 import os
 import re
 import subprocess
@@ -7,6 +8,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "demo.py"), "--workdir", str(tmp_path),

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import data_fixtures as fx  # noqa: E402
-import eval_fixtures as efx  # noqa: E402
-from exo2ego_jax.eval import benchmarks as B  # noqa: E402
-from exo2ego_jax.eval import prompts  # noqa: E402
-from exo2ego_jax.eval.runner import EvalSettings, results_table, run_benchmark  # noqa: E402
+import data_fixtures as fx
+import eval_fixtures as efx
+from exo2ego_jax.eval import benchmarks as B
+from exo2ego_jax.data import prompts
+from exo2ego_jax.eval.runner import EvalSettings, results_table, run_benchmark
+from tests.helpers import composite_logits_and_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +31,7 @@ def bench_root(tmp_path_factory):
 def model(tmp_path_factory):
     from exo2ego_jax.data import template
     from exo2ego_jax.data.tokenizer import train_tokenizer
-    from exo2ego_jax.inference import load_model
+    from exo2ego_jax.serve.inference import load_model
     tok_dir = str(tmp_path_factory.mktemp("tok"))
     texts = efx.OPTIONS5 + [template.SYSTEM_PROMPT, prompts.ANSWER_INSTRUCTION, "Question: Options: (A) (B) (C)"] * 5
     train_tokenizer(texts, tok_dir, vocab_size=300)
@@ -118,10 +119,9 @@ def test_mcq_benchmark_end_to_end(bench_root, model, tmp_path, mode):
 
 def test_loglik_scores_equal_the_models_own_loss(bench_root, model):
     """The option scores are minus the mean answer-token loss of "[INST] q [/INST] option </s>"."""
-    import jax.numpy as jnp
     from exo2ego_jax.data import template
     from exo2ego_jax.eval.runner import predict_batch
-    from exo2ego_jax.inference import clip_pixels
+    from exo2ego_jax.serve.inference import clip_pixels
     root, _ = bench_root
     item = B.load_vln_qa(os.path.join(root, "vln_qa"))[0]
     pixels = clip_pixels(item.video, model.num_frames, model.image_size)
@@ -129,8 +129,8 @@ def test_loglik_scores_equal_the_models_own_loss(bench_root, model):
     for k, option in enumerate(item.options):
         tok = template.tokenize_conversation(model.tokenizer, [{"from": "human", "value": item.question},
                                                                {"from": "gpt", "value": option}])
-        _, loss = model.module.apply({"params": model.params}, jnp.asarray(tok.input_ids[None]),
-                                     jnp.asarray(pixels[None]), labels=jnp.asarray(tok.labels[None]))
+        _, loss = composite_logits_and_loss(model.module, model.params, tok.input_ids[None], pixels[None],
+                                            labels=tok.labels[None])
         assert -rec["scores"][k] == pytest.approx(float(loss), rel=1e-4, abs=1e-5)
 
 
@@ -138,13 +138,13 @@ def test_unparsable_answers_use_the_configured_fallback(bench_root, model, monke
     from exo2ego_jax.eval import runner
     root, _ = bench_root
     items = B.load_vln_qa(os.path.join(root, "vln_qa"))
-    monkeypatch.setattr("exo2ego_jax.inference.generate_answers", lambda *a, **k: ["I am not sure"])
+    monkeypatch.setattr("exo2ego_jax.eval.runner.generate_answers", lambda *a, **k: ["I am not sure"])
     pixels = np.zeros((1, model.num_frames, model.image_size, model.image_size, 3), np.float32)
     c = runner.predict_batch(B.BENCHMARKS["vln_qa"], items, pixels, model, EvalSettings(mode="generate"))[0]
     w = runner.predict_batch(B.BENCHMARKS["vln_qa"], items, pixels, model,
                              EvalSettings(mode="generate", fallback="wrong"))[0]
     assert (c["pred"], c["parsed"]) == (2, False) and w["pred"] == -1
-    monkeypatch.setattr("exo2ego_jax.inference.generate_answers", lambda *a, **k: ["(B) Stop"])
+    monkeypatch.setattr("exo2ego_jax.eval.runner.generate_answers", lambda *a, **k: ["(B) Stop"])
     assert runner.predict_batch(B.BENCHMARKS["vln_qa"], items, pixels, model, EvalSettings())[0]["pred"] == 1
     with pytest.raises(ValueError, match="fallback"):
         EvalSettings(fallback="random")
@@ -169,6 +169,7 @@ def test_evaluation_resumes_and_counts_missing_videos(bench_root, model, tmp_pat
     assert sorted(set(uids)) == sorted(i.uid for i in B.load_qaego4d_closed(src))
 
 
+@pytest.mark.slow
 def test_suite_cli_writes_predictions_metrics_and_the_table(bench_root, model, tmp_path):
     root, facts = bench_root
     out = str(tmp_path / "eval")
@@ -185,7 +186,7 @@ def test_suite_cli_writes_predictions_metrics_and_the_table(bench_root, model, t
     assert results["avg"] == pytest.approx(np.mean([m[k] for k in B.AVG_METRICS]))
     assert m["egoplan_mode"] == "loglik" and m["egoschema_mode"] == "generate"
     table = open(os.path.join(out, "results.md")).read()
-    assert "| egoschema |" in table and "| **Avg (10)** | %.1f | 55.6 |" % results["avg"] in table
+    assert "| egoschema |" in table and f"| **Avg (10)** | {results['avg']:.1f} | 55.6 |" in table
     sub = json.load(open(os.path.join(out, "egoschema", "egoschema_submission.json")))
     assert sorted(sub) == ["q0", "q2"]
     # the metric files agree with the predictions
@@ -206,6 +207,7 @@ def test_results_table_marks_missing_avg_parts():
     assert "| egoschema | 50.0 | 61.3 |" in table and "n/a (missing qaego4d_closed" in table
 
 
+@pytest.mark.slow
 def test_infer_cli_answers_a_question(model, tmp_path):
     video = fx.write_coded(str(tmp_path / "clip.mp4"), 40)
     env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": REPO}
@@ -213,7 +215,7 @@ def test_infer_cli_answers_a_question(model, tmp_path):
                            "--video", video, "--question", "What am I doing?", "--max_new_tokens", "5"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from exo2ego_jax.inference import answer_question
+    from exo2ego_jax.serve.inference import answer_question
     assert proc.stdout.strip() == answer_question(model, video, "What am I doing?", max_new_tokens=5)
     bad = subprocess.run([sys.executable, os.path.join(REPO, "launch", "infer.py"), "--checkpoint", model.path,
                           "--video", str(tmp_path / "none.mp4"), "--question", "?"], capture_output=True, text=True,

@@ -8,16 +8,8 @@ import jax.numpy as jnp
 import exo2ego_jax
 from exo2ego_jax.convert import CheckpointError, convert_videollama2
 from exo2ego_jax.models.exo2ego import Exo2EgoConfig, splice_visual
-from tests.conftest import TINY_CLIP, TINY_MISTRAL
-from exo2ego_jax.convert.torch_reference import write_tiny_videollama2
-
-FRAMES = 4
-
-
-def build_videollama2(path, with_projector=True):
-    """A tiny VideoLLaMA2-shaped checkpoint: CLIP tower + STC (timm) + Mistral, under VideoLLaMA2's key names."""
-    return write_tiny_videollama2(path, TINY_CLIP, TINY_MISTRAL, num_frames=FRAMES,
-                                  with_projector=with_projector)
+from tests.helpers import composite_logits_and_loss
+from tests.torch_reference import FRAMES, build_videollama2
 
 
 def torch_reference_logits(clip, stc, llm, pixels, ids, lengths):
@@ -98,7 +90,7 @@ def test_loss_ignores_visual_positions(videollama2):
     module, params = exo2ego_jax.load_pretrained(out)
     pixels, ids, mask, _ = batch(1)
     labels = np.where(mask & (ids != -201), ids, -100)
-    logits, loss = module.apply({"params": params}, ids, pixels, attention_mask=mask, labels=labels, fusion="none")
+    logits, loss = composite_logits_and_loss(module, params, ids, pixels, mask=mask, labels=labels, fusion="none")
     # hand-computed: targets are the text tokens after the clip, predicted one position earlier
     n = 27
     lp = jax.nn.log_softmax(np.asarray(logits), -1)

@@ -1,10 +1,11 @@
 """Generation: equals step-by-step argmax of the full forward; batched == unbatched; EOS; seeded sampling."""
+import pytest
 import numpy as np
 import jax
 import jax.numpy as jnp
 
 import exo2ego_jax
-from exo2ego_jax.generate import generate, sample_token
+from exo2ego_jax.serve.generate import generate, sample_token
 
 
 def argmax_reference(module, params, prompt, steps):
@@ -15,6 +16,7 @@ def argmax_reference(module, params, prompt, steps):
     return ids[len(prompt):]
 
 
+@pytest.mark.slow
 def test_greedy_equals_full_forward_argmax_and_batching(llm):
     module, params = llm
     rng = np.random.default_rng(0)
@@ -62,8 +64,9 @@ def test_top_p_keeps_the_nucleus():
     assert tiny == {0}
 
 
+@pytest.mark.slow
 def test_exo2ego_prefill_with_visual_tokens(tmp_path):
-    from tests.test_exo2ego import FRAMES, build_videollama2
+    from tests.torch_reference import FRAMES, build_videollama2
     from exo2ego_jax.convert import convert_videollama2
     build_videollama2(str(tmp_path / "vl2"))
     convert_videollama2(str(tmp_path / "vl2"), str(tmp_path / "out"), dtype="float32", mapper_width=4,

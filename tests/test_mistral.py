@@ -121,7 +121,7 @@ def test_scan_and_remat_give_same_logits_and_grads(converted):
     results = []
     for scan, remat in ((True, "none"), (False, "full"), (True, "dots"), (False, "save_qkv_attn")):
         module, params = exo2ego_jax.load_pretrained(converted[True], scan_layers=scan, remat_policy=remat)
-        loss = lambda p: jnp.mean(module.apply({"params": p}, ids, attention_mask=mask) ** 2)
+        loss = lambda p, module=module: jnp.mean(module.apply({"params": p}, ids, attention_mask=mask) ** 2)
         value, grads = jax.jit(jax.value_and_grad(loss))(params)
         g = grads["embed_tokens"]["embedding"]
         results.append((float(value), np.asarray(g)))

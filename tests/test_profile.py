@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from tests.test_train import ROOT, stage_config
+from tests.helpers import ROOT, stage_config
 
 
-@functools.lru_cache(maxsize=None)  # the tool defines absl flags at import: load it once
+@functools.cache  # the tool defines absl flags at import: load it once
 def load_tool():
     spec = importlib.util.spec_from_file_location("profile_cycle", os.path.join(ROOT, "launch", "profile_cycle.py"))
     mod = importlib.util.module_from_spec(spec)
@@ -19,6 +19,7 @@ def load_tool():
     return mod
 
 
+@pytest.mark.slow
 def test_profile_cycle_tiny(tmp_path, capsys):
     tool = load_tool()
     c = stage_config("stage2", **{"mesh.shape": (1, 1, 1), "mesh.num_devices": 1})
@@ -45,6 +46,7 @@ def test_profile_cycle_rejects_other_stages(tmp_path):
         load_tool().profile(stage_config("stage3"), str(tmp_path), steps=1, warmup=0, top=1)
 
 
+@pytest.mark.slow
 def test_bench_tiny_writes_plausible_rows(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_tool", os.path.join(ROOT, "launch", "bench.py"))
     bench = importlib.util.module_from_spec(spec)

@@ -4,7 +4,8 @@ import pytest
 import jax
 
 import exo2ego_jax
-from exo2ego_jax.eval.scoring import build_option_rows, choose_by_likelihood, option_losses
+from exo2ego_jax.serve.scoring import build_option_rows, option_losses
+from tests.helpers import choose_by_likelihood, composite_logits_and_loss
 
 
 def manual_loss(module, params, prompt, option):
@@ -40,8 +41,9 @@ def test_rows_and_bad_input():
         build_option_rows([[1]], [[]])
 
 
+@pytest.mark.slow
 def test_exo2ego_options_use_each_questions_clip(tmp_path):
-    from tests.test_exo2ego import FRAMES, build_videollama2
+    from tests.torch_reference import FRAMES, build_videollama2
     from exo2ego_jax.convert import convert_videollama2
     build_videollama2(str(tmp_path / "vl2"))
     convert_videollama2(str(tmp_path / "vl2"), str(tmp_path / "out"), dtype="float32", mapper_width=4,
@@ -55,5 +57,5 @@ def test_exo2ego_options_use_each_questions_clip(tmp_path):
         for k, option in enumerate(options[q]):
             ids = np.asarray([prompts[q] + option])
             labels = np.asarray([[-100] * len(prompts[q]) + option])
-            _, loss = module.apply({"params": params}, ids, pixels[q:q + 1], labels=labels, fusion="none")
+            _, loss = composite_logits_and_loss(module, params, ids, pixels[q:q + 1], labels=labels, fusion="none")
             assert abs(float(loss) - got[q][k]) < 1e-5

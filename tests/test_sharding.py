@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import exo2ego_jax
 from exo2ego_jax.convert import convert_mistral
 from exo2ego_jax.models.lora import LoRAConfig
-from exo2ego_jax.sharding import LOGICAL_AXIS_RULES, create_mesh, mesh_shape
+from exo2ego_jax.sharding import LOGICAL_AXIS_RULES, create_mesh, logical_rules, mesh_shape
 
 
 def test_mesh_shape_fill_and_errors():
@@ -39,6 +39,18 @@ def test_every_param_has_logical_names(hf_mistral, tmp_path):
         assert names <= known, names - known
 
 
+def test_without_tensor_axis_params_without_embed_shard_over_fsdp():
+    """Conv kernels, LoRA B and the like have no `embed` dimension: with tensor = 1 they shard over fsdp,
+    with a tensor axis over it (Megatron style); `embed` always takes fsdp first."""
+    fsdp_only, with_tp = logical_rules(tensor_parallel=False), logical_rules(tensor_parallel=True)
+    to_mesh = lambda names, rules: tuple(nn.logical_to_mesh_axes(names, rules))
+    assert to_mesh((None, None, None, "channels"), fsdp_only) == (None, None, None, "fsdp")
+    assert to_mesh(("lora_rank", "heads"), fsdp_only) == (None, "fsdp")
+    assert to_mesh(("embed", "mlp"), fsdp_only) == ("fsdp", None)
+    assert to_mesh(("embed", "mlp"), with_tp) == ("fsdp", "tensor")
+    assert to_mesh((None, None, None, "channels"), with_tp) == (None, None, None, "tensor")
+
+
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_sharded_load_gives_unsharded_logits(hf_mistral, tmp_path, shape):
     convert_mistral(hf_mistral[1], str(tmp_path / "ckpt"), dtype="float32", show_progress=False)
@@ -49,7 +61,8 @@ def test_sharded_load_gives_unsharded_logits(hf_mistral, tmp_path, shape):
     mesh = create_mesh(shape)
     module, sharded = exo2ego_jax.load_pretrained(str(tmp_path / "ckpt"), mesh=mesh)
     gate = sharded["decoder"]["layers"]["mlp"]["gate_proj"]["kernel"]  # ('layers', 'embed', 'mlp')
-    assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    tensor = "tensor" if shape[2] > 1 else None  # with tensor = 1, fsdp already holds `embed`
+    assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", tensor)
     n_layers, embed, mlp = gate.shape
     assert gate.addressable_shards[0].data.shape == (n_layers, embed // shape[1], mlp // shape[2])
     data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))

@@ -10,11 +10,12 @@ from exo2ego_jax.models import registry
 from exo2ego_jax.losses import LossConfig, feature_kl, vtg_loss
 from exo2ego_jax.models.clip import CLIPVisionConfig
 from exo2ego_jax.models.exo2ego import Exo2Ego, Exo2EgoConfig
-from exo2ego_jax.models.lora import LoRAConfig, path_matcher
+from exo2ego_jax.models.lora import LoRAConfig
+from exo2ego_jax.models.params import path_matcher
 from exo2ego_jax.models.mapper import MapperConfig
 from exo2ego_jax.models.mistral import MistralConfig
 from exo2ego_jax.models.stc import STCConfig
-from exo2ego_jax.stages import get_stage, stage_loss
+from exo2ego_jax.train.stages import get_stage, stage_loss
 
 
 def tiny_config(lora=None, mapper_kind="resnet"):
@@ -54,7 +55,8 @@ def init_params(cfg, seed=0):
 
 # Conv biases directly followed by instance norm have exactly-zero true gradients (the norm removes any
 # constant shift); numerically they come out at rounding level, so they are not required to be non-zero.
-BIAS_BEFORE_NORM = path_matcher([r"mapper_[fg]/(stem|down_\d|up_\d)/(conv/)?bias", r"mapper_[fg]/block_\d/conv_\d/conv/bias"])
+BIAS_BEFORE_NORM = path_matcher([r"mapper_[fg]/(stem|down_\d|up_\d)/(conv/)?bias",
+                                 r"mapper_[fg]/block_\d/conv_\d/conv/bias"])
 
 
 @pytest.mark.parametrize("stage", ["init", "stage1", "stage2", "stage3"])

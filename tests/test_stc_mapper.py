@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from exo2ego_jax.convert.stc import params_from_state_dict, stc_rules
-from exo2ego_jax.convert.torch_reference import torch_stc
+from tests.torch_reference import torch_stc
 from exo2ego_jax.models.mapper import MapperConfig, build_mapper
 from exo2ego_jax.models.stc import STCConfig, STCConnector
 

@@ -46,7 +46,8 @@ def load_trace_events(trace_dir: str) -> list[dict]:
     paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))
     if not paths:
         raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}: the profiler wrote no trace")
-    data = json.load(gzip.open(paths[-1]))
+    with gzip.open(paths[-1]) as f:
+        data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
     return [e for e in events if e.get("ph") == "X"]
 

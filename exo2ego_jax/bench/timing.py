@@ -5,7 +5,8 @@ import dataclasses
 import json
 import statistics
 import time
-from typing import Any, Callable, Optional
+from typing import Any
+from collections.abc import Callable
 
 import jax
 
@@ -15,9 +16,9 @@ class StepTiming:
     compile_s: float
     step_s: float           # median over `reps`
     step_s_min: float
-    flops_xla: Optional[float]  # from compiled.cost_analysis(): what XLA actually runs (recompute included)
-    temp_bytes: Optional[int]   # compiled.memory_analysis() temporaries
-    peak_bytes: Optional[int]   # device peak after the run, where the backend reports it
+    flops_xla: float | None  # from compiled.cost_analysis(): what XLA actually runs (recompute included)
+    temp_bytes: int | None   # compiled.memory_analysis() temporaries
+    peak_bytes: int | None   # device peak after the run, where the backend reports it
 
 
 def time_step(fn: Callable, *args, reps: int = 5, warmup: int = 2, donate_first: bool = False) -> tuple[StepTiming, Any]:
@@ -46,7 +47,7 @@ def time_step(fn: Callable, *args, reps: int = 5, warmup: int = 2, donate_first:
     return StepTiming(compile_s, statistics.median(times), min(times), flops, temp, peak_device_bytes()), out
 
 
-def peak_device_bytes() -> Optional[int]:
+def peak_device_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
@@ -57,7 +58,7 @@ def _first(cost):
     return cost
 
 
-def emit(record: dict, path: Optional[str]) -> None:
+def emit(record: dict, path: str | None) -> None:
     print(json.dumps(record), flush=True)
     if path:
         with open(path, "a") as f:

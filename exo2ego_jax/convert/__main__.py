@@ -9,7 +9,7 @@ import sys
 import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from exo2ego_jax.convert import CONVERTERS, CheckpointError  # noqa: E402
+from exo2ego_jax.convert import CONVERTERS, CheckpointError
 
 
 def main(argv=None) -> int:

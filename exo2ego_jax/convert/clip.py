@@ -6,7 +6,12 @@ Accepts a `CLIPVisionModel` saved by transformers 5.x (no prefix), 4.x (`vision_
 """
 from __future__ import annotations
 
-from exo2ego_jax.convert.engine import CONV, LINEAR, TensorRule
+from exo2ego_jax.convert.engine import CONV, LINEAR, TensorRule, convert_checkpoint, detect_prefix, expand_rules
+from exo2ego_jax.convert.hf_config import read_hf_config
+from exo2ego_jax.convert.safetensors_reader import SafetensorsCheckpoint
+from exo2ego_jax.errors import CheckpointError
+from exo2ego_jax.models.clip import CLIPVisionConfig
+from exo2ego_jax.models.registry import abstract_params, build_module, flat_shapes
 
 PREFIXES = ("", "vision_model.", "model.vision_tower.vision_tower.vision_model.")
 ANCHOR = "embeddings.patch_embedding.weight"
@@ -39,3 +44,30 @@ def clip_unused(num_built_layers: int, num_layers: int) -> list[str]:
     return [rf"encoder\.layers\.({skipped_layers})\..*", r"post_layernorm\..*", r"embeddings\.position_ids",
             # a full CLIPModel's text tower and projection heads (before the prefix is stripped)
             r"text_model\..*", r"visual_projection\.weight", r"text_projection\.weight", r"logit_scale"]
+
+
+def clip_config_from_hf(hf: dict, **overrides):
+    if "mm_vision_tower" in hf:  # a VideoLLaMA2 config: the tower is CLIP-L/14-336, only the layer is stored
+        overrides.setdefault("select_layer", hf.get("mm_vision_select_layer", -2))
+        return CLIPVisionConfig(**overrides)
+    if "vision_config" not in hf and "patch_size" not in hf:
+        raise CheckpointError("config.json is not a CLIP (vision) config: no `vision_config` or `patch_size`")
+    return CLIPVisionConfig.from_hf(hf, **overrides)
+
+
+def convert_clip(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", scan_layers: bool = True,
+                 select_layer: int = -2, buffer_mb: float = 1024.0, show_progress: bool = True) -> dict:
+    """Convert a HF CLIP vision tower; only layers up to `select_layer` are written."""
+    hf = read_hf_config(hf_dir)
+    ckpt = SafetensorsCheckpoint(hf_dir)
+    try:
+        config = clip_config_from_hf(hf, select_layer=select_layer, scan_layers=scan_layers)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"config.json in {hf_dir!r} cannot be used: {e}") from e
+    prefix = detect_prefix(ckpt, ANCHOR, PREFIXES)
+    plan = expand_rules(clip_rules(), num_layers=config.num_built_layers, scan=scan_layers)
+    expected = flat_shapes(abstract_params("clip", build_module("clip", config)))
+    return convert_checkpoint(ckpt, plan, prefix=prefix, expected=expected,
+                              unused=clip_unused(config.num_built_layers, config.num_layers),
+                              out_dir=out_dir, kind="clip", config=config.to_dict(), dtype=dtype,
+                              buffer_mb=buffer_mb, show_progress=show_progress)

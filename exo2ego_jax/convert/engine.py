@@ -7,30 +7,25 @@ with partial saves, so host memory stays near one (stacked) tensor plus a bounde
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
-import json
 import logging
 import os
 import re
 import shutil
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from exo2ego_jax.convert.safetensors_reader import CheckpointError, SafetensorsCheckpoint
+from exo2ego_jax.checkpoints import PARAMS_DIR, copy_tokenizer_files, write_model_config
+from exo2ego_jax.convert.safetensors_reader import SafetensorsCheckpoint
+from exo2ego_jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-FORMAT_NAME = "exo2ego_jax"
-FORMAT_VERSION = 1
-CONFIG_FILE = "model_config.json"
-PARAMS_DIR = "params"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
-                   "preprocessor_config.json")
 DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
 
 
@@ -94,8 +89,8 @@ def detect_prefix(ckpt: SafetensorsCheckpoint, anchor: str, candidates: Iterable
 
 def convert_checkpoint(ckpt: SafetensorsCheckpoint, plan, *, prefix: str, expected: dict, unused: Iterable[str],
                        out_dir: str, kind: str, config: dict, dtype: str = "bfloat16",
-                       buffer_mb: float = 1024.0, extra_metadata: Optional[dict] = None,
-                       extra_params: Optional[dict] = None, show_progress: bool = True) -> dict:
+                       buffer_mb: float = 1024.0, extra_metadata: dict | None = None,
+                       extra_params: dict | None = None, show_progress: bool = True) -> dict:
     """Check `plan` against the checkpoint and `expected` shapes, then stream it into `out_dir`.
 
     `expected`: '/'-path -> ShapeDtypeStruct of the target module (from `jax.eval_shape`). `unused`: regexes
@@ -138,7 +133,7 @@ def convert_checkpoint(ckpt: SafetensorsCheckpoint, plan, *, prefix: str, expect
             used.add(key)
     unused_res = [re.compile(p) for p in unused]
     skipped, unexpected = [], []
-    for key in ckpt.keys():
+    for key in ckpt.keys():  # noqa: SIM118 (a checkpoint, not a dict)
         if key in used:
             continue
         rest = key[len(prefix):] if key.startswith(prefix) else None
@@ -199,25 +194,19 @@ def convert_checkpoint(ckpt: SafetensorsCheckpoint, plan, *, prefix: str, expect
         shutil.rmtree(params_dir, ignore_errors=True)
         raise
 
-    copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(ckpt.hf_dir, f))]
-    for name in copied:
-        shutil.copy2(os.path.join(ckpt.hf_dir, name), os.path.join(out_dir, name))
-    summary = dict(format=FORMAT_NAME, format_version=FORMAT_VERSION, kind=kind, config=config, dtype=dtype,
-                   source=os.path.abspath(ckpt.hf_dir), converted_tensors=len(used), skipped_tensors=len(skipped),
-                   skipped_examples=skipped[:10], fresh_params=sorted(extra_params), tokenizer_files=copied,
-                   **(extra_metadata or {}))
-    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+    copied = copy_tokenizer_files(ckpt.hf_dir, out_dir)
+    summary = write_model_config(out_dir, kind=kind, config=config, dtype=dtype, source=os.path.abspath(ckpt.hf_dir),
+                                 converted_tensors=len(used), skipped_tensors=len(skipped),
+                                 skipped_examples=skipped[:10], fresh_params=sorted(extra_params),
+                                 tokenizer_files=copied, **(extra_metadata or {}))
     log.info("converted %d tensors (%d skipped as unused) into %s", len(used), len(skipped), out_dir)
     return summary
 
 
 def _release_freed_memory():
     """Hand freed heap pages back to the OS (glibc keeps them otherwise), so the peak stays one tensor."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _bf16():

@@ -10,20 +10,18 @@ import contextlib
 import json
 import os
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
+
+from exo2ego_jax.errors import CheckpointError
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk does not match what the converter expects (names the file or tensor)."""
 
 
 class SafetensorsCheckpoint:
@@ -40,7 +38,8 @@ class SafetensorsCheckpoint:
             files, weight_map, hf_dir = [os.path.basename(hf_dir)], None, self.hf_dir
         elif os.path.exists(index_path):
             try:
-                weight_map = json.load(open(index_path))["weight_map"]
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
                 raise CheckpointError(f"{index_path} is not a valid safetensors index ({e})") from e
             files = sorted(set(weight_map.values()))

@@ -1,7 +1,11 @@
 """VideoLLaMA2 `mm_projector` (STC connector) -> `STCConnector` params: a renaming plus layout changes."""
 from __future__ import annotations
 
+import numpy as np
+
 from exo2ego_jax.convert.engine import CONV, LINEAR, TensorRule
+from exo2ego_jax.errors import CheckpointError
+from exo2ego_jax.models.params import unflatten
 
 
 def stc_rules(config) -> list[TensorRule]:
@@ -32,10 +36,6 @@ def params_from_state_dict(state: dict, rules, *, prefix: str = "") -> dict:
     Used for small modules (a separate `mm_projector` file, or a PyTorch reference in the tests). Missing
     and unexpected names raise, exactly as in the streaming engine.
     """
-    import numpy as np
-    from flax import traverse_util
-    from exo2ego_jax.convert.safetensors_reader import CheckpointError
-
     flat, used = {}, set()
     for rule in rules:
         key = prefix + rule.source
@@ -46,4 +46,4 @@ def params_from_state_dict(state: dict, rules, *, prefix: str = "") -> dict:
     extra = sorted(k for k in state if k.startswith(prefix) and k not in used)
     if extra:
         raise CheckpointError(f"unexpected tensor(s) {extra[:5]} in the projector weights")
-    return traverse_util.unflatten_dict(flat, sep="/")
+    return unflatten(flat)

@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from exo2ego_jax.convert import clip as _clip
 from exo2ego_jax.convert import mistral as _mistral
 from exo2ego_jax.convert.engine import TensorRule, convert_checkpoint, detect_prefix, expand_rules
-from exo2ego_jax.convert.safetensors_reader import CheckpointError, SafetensorsCheckpoint
+from exo2ego_jax.convert.hf_config import read_hf_config
+from exo2ego_jax.convert.safetensors_reader import SafetensorsCheckpoint
 from exo2ego_jax.convert.stc import params_from_state_dict, stc_rules
+from exo2ego_jax.errors import CheckpointError
+from exo2ego_jax.models.clip import CLIPVisionConfig
+from exo2ego_jax.models.exo2ego import Exo2EgoConfig
+from exo2ego_jax.models.mapper import MapperConfig, build_mapper
+from exo2ego_jax.models.mistral import MistralConfig
+from exo2ego_jax.models.params import flatten
+from exo2ego_jax.models.registry import abstract_params, build_module, flat_shapes
+from exo2ego_jax.models.stc import STCConfig
 
 PROJECTOR_TYPES = {"stc_connector": "stc", "stc_connector_v35": "stc_v35"}
 TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
@@ -38,7 +49,7 @@ class MultiCheckpoint:
         return self._parts[""], key
 
     def keys(self):
-        return sorted(ns + k for ns, c in self._parts.items() for k in c.keys())
+        return sorted(ns + k for ns, c in self._parts.items() for k in c.keys())  # noqa: SIM118
 
     def __contains__(self, key):
         ckpt, k = self._split(key)
@@ -59,12 +70,6 @@ def _prefixed(rules, target_prefix: str, source_prefix: str):
 
 def exo2ego_config_from_hf(hf: dict, *, mapper_width: int = 256, mapper_blocks: int = 9, scan_layers: bool = True,
                            fusion: str = "tokens"):
-    from exo2ego_jax.models.clip import CLIPVisionConfig
-    from exo2ego_jax.models.exo2ego import Exo2EgoConfig
-    from exo2ego_jax.models.mapper import MapperConfig
-    from exo2ego_jax.models.mistral import MistralConfig
-    from exo2ego_jax.models.stc import STCConfig
-
     projector = hf.get("mm_projector_type", "stc_connector")
     if projector not in PROJECTOR_TYPES:
         raise CheckpointError(f"mm_projector_type {projector!r} is not supported; known: {sorted(PROJECTOR_TYPES)}")
@@ -89,7 +94,7 @@ def read_projector_file(path: str) -> dict:
         raise CheckpointError(f"--mm_projector {path!r} does not exist")
     if path.endswith(".safetensors"):
         ckpt = SafetensorsCheckpoint(path)
-        state = {k: ckpt.read(k) for k in ckpt.keys()}
+        state = {k: ckpt.read(k) for k in ckpt.keys()}  # noqa: SIM118
     else:
         import torch
         try:
@@ -106,17 +111,9 @@ def read_projector_file(path: str) -> dict:
 
 
 def convert_videollama2(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", scan_layers: bool = True,
-                        mm_projector: Optional[str] = None, clip_dir: Optional[str] = None, mapper_width: int = 256,
+                        mm_projector: str | None = None, clip_dir: str | None = None, mapper_width: int = 256,
                         mapper_blocks: int = 9, seed: int = 0, buffer_mb: float = 1024.0,
                         show_progress: bool = True) -> dict:
-    import jax
-    import jax.numpy as jnp
-    from flax import traverse_util
-    import flax.linen as nn
-    from exo2ego_jax.convert import read_hf_config
-    from exo2ego_jax.models.mapper import build_mapper
-    from exo2ego_jax.models.registry import abstract_params, build_module, flat_shapes
-
     hf = read_hf_config(hf_dir)
     try:
         config = exo2ego_config_from_hf(hf, mapper_width=mapper_width, mapper_blocks=mapper_blocks,
@@ -139,7 +136,7 @@ def convert_videollama2(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", s
     if mm_projector:
         state = read_projector_file(mm_projector)
         connector = params_from_state_dict(state, stc_rules(config.stc))
-        extra.update({f"connector/{k}": v for k, v in traverse_util.flatten_dict(connector, sep="/").items()})
+        extra.update({f"connector/{k}": v for k, v in flatten(connector).items()})
         unused.append(r"model\.mm_projector\..*")  # the separate file wins over any copy in the folder
     else:
         rules += _prefixed(stc_rules(config.stc), "connector/", PROJECTOR_PREFIX)
@@ -148,7 +145,7 @@ def convert_videollama2(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", s
     dummy = jnp.zeros((1, grid, grid, config.clip.hidden_size), jnp.float32)
     for name, key in (("mapper_f", jax.random.key(seed)), ("mapper_g", jax.random.key(seed + 1))):
         params = nn.meta.unbox(build_mapper(config.mapper, name).init(key, dummy)["params"])
-        extra.update({f"{name}/{k}": np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()})
+        extra.update({f"{name}/{k}": np.asarray(v) for k, v in flatten(params).items()})
 
     plan = _expand_composite(rules, config, scan_layers)
     expected = flat_shapes(abstract_params("exo2ego", build_module("exo2ego", config)))

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
-from exo2ego_jax.data.files import DataError, read_json
+from exo2ego_jax.data.files import read_json
+from exo2ego_jax.errors import DataError
 from exo2ego_jax.data.skips import SkipLog
 
 EGOCLIP_ALPHA = 4.9
@@ -43,6 +44,9 @@ class Filters:
     best_exo_only: bool = False       # one record per narration (the best exo view) instead of every view
 
 
+DEFAULT_FILTERS = Filters()
+
+
 def to_bool(value, *, field: str) -> bool:
     """Ego-Exo4D stores flags as booleans and as "0"/"1" strings."""
     if isinstance(value, bool):
@@ -61,14 +65,14 @@ def egoclip_window(t: float, beta: float, alpha: float = EGOCLIP_ALPHA) -> tuple
     return t - half, t + half
 
 
-def mean_gap(timestamps: Sequence[float]) -> Optional[float]:
+def mean_gap(timestamps: Sequence[float]) -> float | None:
     ts = sorted(timestamps)
     if len(ts) < 2:
         return None
     return (ts[-1] - ts[0]) / (len(ts) - 1)   # the mean of consecutive gaps telescopes
 
 
-def take_videos(take: dict, video_subdir: str = "") -> tuple[Optional[str], list[tuple[str, str]]]:
+def take_videos(take: dict, video_subdir: str = "") -> tuple[str | None, list[tuple[str, str]]]:
     """(ego rgb path, [(exo cam, path), ...]) relative to the root; `video_subdir` e.g. 'downscaled/448'."""
     videos = take.get("frame_aligned_videos") or {}
     cameras = (take.get("capture") or {}).get("cameras") or []
@@ -97,7 +101,7 @@ def take_videos(take: dict, video_subdir: str = "") -> tuple[Optional[str], list
 
 
 def plan_narrations(root: str, *, splits: Sequence[str] = ("train", "val"), alpha: float = EGOCLIP_ALPHA,
-                    filters: Filters = Filters(), video_subdir: str = "", skips: Optional[SkipLog] = None
+                    filters: Filters = Filters(), video_subdir: str = "", skips: SkipLog | None = None
                     ) -> list[Narration]:
     """Every usable narration of the download, in a deterministic order; skips are counted in `skips`."""
     skips = skips if skips is not None else SkipLog()

@@ -12,9 +12,10 @@ import dataclasses
 import json
 import os
 import random
-from typing import Callable, Optional
+from collections.abc import Callable
 
-from exo2ego_jax.data.files import DataError, read_json, read_text
+from exo2ego_jax.data.files import read_json, read_text
+from exo2ego_jax.errors import DataError
 from exo2ego_jax.data.skips import SkipLog
 from exo2ego_jax.data.template import normalize_turns
 
@@ -27,15 +28,15 @@ class Sample:
     uid: str
     video: str                  # relative to the data root
     conversations: tuple        # ((from, value), ...) as given
-    start: Optional[float]
-    end: Optional[float]
+    start: float | None
+    end: float | None
     source: str
 
     def conversation_json(self) -> str:
         return json.dumps([{"from": f, "value": v} for f, v in self.conversations], ensure_ascii=False)
 
 
-def load_conversations(path: str, *, skips: Optional[SkipLog] = None, source: str = "") -> list[Sample]:
+def load_conversations(path: str, *, skips: SkipLog | None = None, source: str = "") -> list[Sample]:
     """Validated samples of one conversation JSON file; malformed items are counted skips with the reason."""
     skips = skips if skips is not None else SkipLog()
     data = read_json(path, "conversation JSON")
@@ -194,7 +195,7 @@ CONVERTERS: dict[str, Callable] = {"egtea": convert_egtea, "ssv2": convert_ssv2,
                                    "openeqa": convert_openeqa, "egoexolearn": convert_egoexolearn}
 
 
-def convert_source(source: str, src: str, out_path: str, *, seed: int = 0, skips: Optional[SkipLog] = None,
+def convert_source(source: str, src: str, out_path: str, *, seed: int = 0, skips: SkipLog | None = None,
                    **kwargs) -> int:
     """Convert one source's annotations into conversation JSON at `out_path`; returns the sample count.
 

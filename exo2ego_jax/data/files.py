@@ -1,24 +1,15 @@
-"""Errors and annotation-file reading shared by the data builders and the benchmark loaders."""
+"""Annotation-file reading shared by the data builders and the benchmark loaders: errors name the file."""
 from __future__ import annotations
 
 import json
 import os
 
-
-class DataError(ValueError):
-    """A data problem in a named input (file, record, field) with what to do about it.
-
-    `reason` is a short category ("missing video", "corrupt video", ...) that build summaries count skips by.
-    """
-
-    def __init__(self, message: str, reason: str = "bad input"):
-        super().__init__(message)
-        self.reason = reason
+from exo2ego_jax.errors import DataError
 
 
 def read_text(path: str, what: str) -> str:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist; check --src / the data root")
+        raise DataError(f"{what} {path!r} does not exist; check --src / the data root", "missing file")
     with open(path, "rb") as f:
         raw = f.read()
     try:

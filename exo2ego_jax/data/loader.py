@@ -15,40 +15,32 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
-import grain.python as grain  # only imported for record sources (the GPU box may lack Grain)
+import grain.python as grain
 import numpy as np
 
+from exo2ego_jax.constants import IGNORE_INDEX
 from exo2ego_jax.data import template
 from exo2ego_jax.data.preprocess import clip_frames
 from exo2ego_jax.data.records import decode_text, open_records
+from exo2ego_jax.data.tokenizer import load_tokenizer
+from exo2ego_jax.errors import ConfigError, DataError
 
-IGNORE_INDEX = template.IGNORE_INDEX
 log = logging.getLogger(__name__)
 DATASET_NAMES = {"ego_exo_clip": "ego_exo_clip", "ego_it": "ego_it", "records": ""}
 
 
-def dataset_root(c) -> str:
+def dataset_root(root: str, source: str) -> str:
     """`data.root` is the records folder of `build --out`; the source picks the dataset inside it."""
-    if not c.data.root:
-        raise ValueError(f"config field 'data.root' is empty; set it to the folder given to "
-                         f"`python -m exo2ego_jax.data.build ... --out` (data.source={c.data.source!r})")
-    name = DATASET_NAMES[c.data.source]
-    root = os.path.join(c.data.root, name) if name and os.path.isdir(os.path.join(c.data.root, name)) else c.data.root
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"config field 'data.root': {root!r} does not exist; build the records first "
-                                f"(python -m exo2ego_jax.data.build {c.data.source} --out {c.data.root})")
-    return root
-
-
-def tokenizer_path(c) -> str:
-    """data.tokenizer, the init checkpoint or the previous stage's export (`train.config.tokenizer_dir`)."""
-    from exo2ego_jax.train.config import tokenizer_dir
-    path = tokenizer_dir(c)
-    if not path:
-        raise ValueError("config field 'data.tokenizer' is empty and no init checkpoint holds a tokenizer; set "
-                         "data.tokenizer to a folder with tokenizer.json (a converted checkpoint)")
+    if not root:
+        raise ConfigError(f"config field 'data.root' is empty; set it to the folder given to "
+                          f"`python -m exo2ego_jax.data.build ... --out` (data.source={source!r})")
+    name = DATASET_NAMES[source]
+    path = os.path.join(root, name) if name and os.path.isdir(os.path.join(root, name)) else root
+    if not os.path.isdir(path):
+        raise ConfigError(f"config field 'data.root': {path!r} does not exist; build the records first "
+                          f"(python -m exo2ego_jax.data.build {source} --out {root})")
     return path
 
 
@@ -57,7 +49,7 @@ class ToExample:
     process (Grain workers unpickle this object; tokenizers are not shipped between processes)."""
 
     def __init__(self, tokenizer_dir: str, *, seq_len: int, image_size: int, num_frames: int, aspect: str,
-                 views: Sequence[str], system_prompt: Optional[str] = template.SYSTEM_PROMPT):
+                 views: Sequence[str], system_prompt: str | None = template.SYSTEM_PROMPT):
         self.tokenizer_dir, self.seq_len, self.image_size = tokenizer_dir, seq_len, image_size
         self.num_frames, self.aspect, self.views, self.system_prompt = num_frames, aspect, tuple(views), system_prompt
         self._tokenizer = None
@@ -71,7 +63,6 @@ class ToExample:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from exo2ego_jax.data.tokenizer import load_tokenizer
             self._tokenizer = load_tokenizer(self.tokenizer_dir)
         return self._tokenizer
 
@@ -96,10 +87,10 @@ class ToExample:
         for view in self.views:
             frames = record[f"{view}_frames"]
             if frames.shape[0] == 0:
-                raise ValueError(f"record {uid!r} has no {view} frames but this stage needs the {view} view; train "
+                raise DataError(f"record {uid!r} has no {view} frames but this stage needs the {view} view; train "
                                  f"this stage on synchronised ego-exo records (data.source='ego_exo_clip')")
             if frames.shape[0] != self.num_frames:
-                raise ValueError(f"record {uid!r} has {frames.shape[0]} frames, the model takes {self.num_frames}; "
+                raise DataError(f"record {uid!r} has {frames.shape[0]} frames, the model takes {self.num_frames}; "
                                  f"rebuild the records with --num_frames {self.num_frames}")
             out[f"{view}_frames"] = clip_frames(frames, self.image_size, self.aspect)
         return out
@@ -129,12 +120,6 @@ def collate(examples: Sequence[dict], *, buckets: Sequence[int], seq_len: int, p
     return out
 
 
-def stage_views(c) -> tuple[str, ...]:
-    from exo2ego_jax.train.config import stage_spec
-    spec = stage_spec(c)
-    return ("ego", "exo") if spec.guidance else (spec.view,)
-
-
 class _Collate:
     """Picklable batch function for Grain's Batch."""
 
@@ -150,15 +135,15 @@ class GrainBatchIterator:
 
     def __init__(self, source, to_example: ToExample, *, global_batch: int, seed: int, shuffle: bool,
                  process_index: int, process_count: int, worker_count: int, buckets: Sequence[int], pad_id: int,
-                 num_epochs: Optional[int] = None):
+                 num_epochs: int | None = None):
         if global_batch % process_count:
-            raise ValueError(f"global batch {global_batch} is not divisible by the {process_count} processes")
+            raise ConfigError(f"global batch {global_batch} is not divisible by the {process_count} processes")
         self.global_batch, self.local_batch = global_batch, global_batch // process_count
         self.seed, self.worker_count, self.num_records = seed, worker_count, len(source)
         shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
         if self.num_records // process_count < self.local_batch:
-            raise ValueError(f"{self.num_records} records split over {process_count} processes leave fewer than one "
-                             f"batch of {self.local_batch} per process; lower batch_size or add data")
+            raise ConfigError(f"{self.num_records} records split over {process_count} processes leave fewer than one "
+                              f"batch of {self.local_batch} per process; lower batch_size or add data")
         sampler = grain.IndexSampler(num_records=self.num_records, shard_options=shard, shuffle=shuffle,
                                      num_epochs=num_epochs, seed=seed)
         if worker_count > 0:
@@ -188,12 +173,12 @@ class GrainBatchIterator:
 
     def set_state(self, state: dict) -> None:
         if "grain" not in state:
-            raise ValueError("the checkpoint's data state is not a Grain loader state (was it written with "
-                             "data.source='synthetic'?); resume with the same data.source")
+            raise ConfigError("the checkpoint's data state is not a Grain loader state (was it written with "
+                              "data.source='toy'?); resume with the same data.source")
         for key in ("global_batch", "worker_count"):
             if state.get(key, getattr(self, key)) != getattr(self, key):
-                raise ValueError(f"the checkpointed data iterator used {key}={state[key]}, this run uses "
-                                 f"{getattr(self, key)}: Grain state only restores with the same value; set it back")
+                raise ConfigError(f"the checkpointed data iterator used {key}={state[key]}, this run uses "
+                                  f"{getattr(self, key)}: Grain state only restores with the same value; set it back")
         self._iter.set_state(state["grain"].encode())
 
 
@@ -214,16 +199,20 @@ def _mark_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def make_iterator(c, model_cfg, *, process_index: int = 0, process_count: int = 1, split: str = "train"):
-    """The training (or eval) batch iterator for config `c` (data.source one of ego_exo_clip / ego_it / records)."""
-    from exo2ego_jax.data.tokenizer import load_tokenizer
-    record_split = c.data.split if split == "train" else (c.data.eval_split or "val")
-    source = open_records(dataset_root(c), record_split)
-    tok_dir = tokenizer_path(c)
-    pad_id = load_tokenizer(tok_dir).pad_token_id
-    to_example = ToExample(tok_dir, seq_len=c.data.seq_len, image_size=model_cfg.clip.image_size,
-                           num_frames=model_cfg.num_frames, aspect=c.data.get("aspect", "crop"), views=stage_views(c))
-    return GrainBatchIterator(source, to_example, global_batch=c.batch_size, seed=c.seed,
-                              shuffle=bool(c.data.shuffle) and split == "train", process_index=process_index,
-                              process_count=process_count, worker_count=c.data.worker_count,
-                              buckets=tuple(c.data.get("text_buckets", ())), pad_id=pad_id)
+def make_iterator(data, *, split: str, tokenizer_dir: str, views: Sequence[str], image_size: int,
+                  num_frames: int, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1):
+    """The batch iterator over record split `split` ("train" or "eval") for the `data` config section
+    (source, root, split, eval_split, seq_len, aspect, text_buckets, worker_count, shuffle).
+
+    `views` ("ego", "exo" or both) are the frames each example carries; `tokenizer_dir` holds the tokenizer
+    (the caller resolves it: data.tokenizer, the init checkpoint or the previous stage's export).
+    """
+    record_split = data.split if split == "train" else (data.eval_split or "val")
+    source = open_records(dataset_root(data.root, data.source), record_split)
+    pad_id = load_tokenizer(tokenizer_dir).pad_token_id
+    to_example = ToExample(tokenizer_dir, seq_len=data.seq_len, image_size=image_size, num_frames=num_frames,
+                           aspect=data.aspect, views=views)
+    return GrainBatchIterator(source, to_example, global_batch=global_batch, seed=seed,
+                              shuffle=bool(data.shuffle) and split == "train", process_index=process_index,
+                              process_count=process_count, worker_count=data.worker_count,
+                              buckets=tuple(data.text_buckets), pad_id=pad_id)

@@ -18,9 +18,11 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import numpy as np
+
+from exo2ego_jax.errors import DataError
 
 NO_FRAMES = np.zeros((0, 0, 0, 3), np.uint8)
 
@@ -36,7 +38,7 @@ def features():
         "is_best_exo": tfds.features.Scalar(np.bool_)})
 
 
-def make_record(*, ego_frames: np.ndarray, exo_frames: Optional[np.ndarray] = None, text: str = "",
+def make_record(*, ego_frames: np.ndarray, exo_frames: np.ndarray | None = None, text: str = "",
                 conversations: str = "", source: str, take_uid: str = "", exo_cam: str = "", uid: str,
                 start: float = 0.0, end: float = 0.0, is_best_exo: bool = False) -> dict:
     """A complete record dict (every field present, types as stored)."""
@@ -46,7 +48,7 @@ def make_record(*, ego_frames: np.ndarray, exo_frames: Optional[np.ndarray] = No
                 uid=uid, start=np.float32(start), end=np.float32(end), is_best_exo=bool(is_best_exo))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _builder_class():
     """Defined lazily so importing this module does not import TFDS (the GPU box may lack it)."""
     import tensorflow_datasets as tfds
@@ -98,10 +100,10 @@ def records_dir(root: str) -> str:
         if "dataset_info.json" in files:
             found.append(dirpath)
     if not found:
-        raise FileNotFoundError(f"no TFDS records under {root!r} (no dataset_info.json); build them with "
-                                "`python -m exo2ego_jax.data.build ... --out DIR` and set data.root to DIR")
+        raise DataError(f"no TFDS records under {root!r} (no dataset_info.json); build them with "
+                        "`python -m exo2ego_jax.data.build ... --out DIR` and set data.root to DIR")
     if len(found) > 1:
-        raise ValueError(f"several record datasets under {root!r}: {sorted(found)}; point data.root at one")
+        raise DataError(f"several record datasets under {root!r}: {sorted(found)}; point data.root at one")
     return found[0]
 
 
@@ -110,8 +112,8 @@ def open_records(root: str, split: str):
     import tensorflow_datasets as tfds
     builder = tfds.builder_from_directory(records_dir(root))
     if split not in builder.info.splits:
-        raise ValueError(f"records at {root!r} have splits {sorted(builder.info.splits)}, not {split!r}; set "
-                         "data.split / data.eval_split to one of them")
+        raise DataError(f"records at {root!r} have splits {sorted(builder.info.splits)}, not {split!r}; set "
+                        "data.split / data.eval_split to one of them")
     return builder.as_data_source(split=split)
 
 

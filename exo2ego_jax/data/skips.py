@@ -21,7 +21,7 @@ class SkipLog:
             self.examples[reason].append(detail)
             log.warning("skipped (%s): %s", reason, detail)
 
-    def merge(self, other: "SkipLog") -> None:
+    def merge(self, other: SkipLog) -> None:
         for reason, n in other.counts.items():
             self.counts[reason] += n
             room = self.log_first - len(self.examples[reason])

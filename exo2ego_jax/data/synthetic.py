@@ -16,10 +16,12 @@ import dataclasses
 import json
 import os
 import random
-from typing import Optional
 
 import numpy as np
 
+from exo2ego_jax.constants import VIDEO_TOKEN
+from exo2ego_jax.data.builders import build_ego_exo_clip, build_ego_it
+from exo2ego_jax.data.prompts import LETTERS, mcq_prompt
 from exo2ego_jax.data.video import write_video
 
 COLOURS = {"red": (210, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 210), "yellow": (220, 200, 40)}
@@ -29,7 +31,6 @@ VERB_FORMS = {"lifts": ("lifts", "picks up"), "pushes left": ("pushes", "slides"
               "shakes": ("shakes", "wiggles")}
 FPS = 30
 MC_QUESTION = "What does the camera wearer do in this video?"
-LETTERS = "ABCDE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +127,7 @@ def _paint(X, Y, objects, pos, hand, floor, mirror: bool) -> np.ndarray:
         else:
             inside = (X - x) ** 2 + (Y - y) ** 2 < 0.065 ** 2
         img[inside] = COLOURS[o["colour"]]
-    body = (np.abs(X - hand[0]) < 0.07) & (Y > hand[1] + 0.05)
+    body = (np.abs(X - hand[0]) < 0.07) & (hand[1] + 0.05 < Y)
     img[body] = (60, 60, 70)
     img[(X - hand[0]) ** 2 + (Y - hand[1]) ** 2 < 0.035 ** 2] = (230, 180, 150)
     return np.clip(img, 0, 255).astype(np.uint8)
@@ -217,14 +218,11 @@ def write_raw(root: str, *, seed: int = 0, preset: str | Preset = "demo") -> dic
             if split == "train":
                 egoit_items.append({"id": f"{uid}_describe", "video": ego_video, "start": e.start, "end": e.end,
                                     "conversations": [
-                                        {"from": "human", "value": f"<video>\n{MC_QUESTION}"},
+                                        {"from": "human", "value": f"{VIDEO_TOKEN}\n{MC_QUESTION}"},
                                         {"from": "gpt", "value": canonical(e.action, e.colour, e.shape)}]})
-                listing = "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
                 egoit_items.append({"id": f"{uid}_mcq", "video": ego_video, "start": e.start, "end": e.end,
                                     "conversations": [
-                                        {"from": "human", "value": f"<video>\nQuestion: {MC_QUESTION}\nOptions:\n"
-                                         f"{listing}\nAnswer with the option's letter from the given choices "
-                                         "directly and only give the best option."},
+                                        {"from": "human", "value": f"{VIDEO_TOKEN}\n{mcq_prompt(MC_QUESTION, options)}"},
                                         {"from": "gpt", "value": LETTERS[answer]}]})
             else:
                 mcq_items.append({"uid": uid, "video": ego_video, "start": e.start, "end": e.end,
@@ -261,9 +259,8 @@ def corpus(root: str) -> list[str]:
 
 
 def build(out: str, *, seed: int = 0, preset: str | Preset = "demo", workers: int = 0,
-          show_progress: bool = True, raw_dir: Optional[str] = None) -> list[dict]:
+          show_progress: bool = True, raw_dir: str | None = None) -> list[dict]:
     """Raw files under `out/raw` (or `raw_dir`), then `out/records/{ego_exo_clip,ego_it}` via the real builders."""
-    from exo2ego_jax.data.build import build_ego_exo_clip, build_ego_it
     p = PRESETS[preset] if isinstance(preset, str) else preset
     raw = raw_dir or os.path.join(out, "raw")
     paths = write_raw(raw, seed=seed, preset=p)

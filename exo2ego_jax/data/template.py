@@ -13,16 +13,14 @@ Captions (clip-text pretraining, `--version plain`) are `<video>` + " " + captio
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-VIDEO_TOKEN = "<video>"
-VIDEO_TOKEN_INDEX = -201
-IGNORE_INDEX = -100
+from exo2ego_jax.constants import IGNORE_INDEX, VIDEO_TOKEN, VIDEO_TOKEN_INDEX
+
 SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the user's questions.")
-FIRST_PERSON_CUE = "This video is recorded from a first-person perspective."  # the paper's optional eval cue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +54,7 @@ def normalize_turns(conversations: Sequence[dict], *, source: str = "conversatio
     return pairs
 
 
-def render(pairs: Sequence[tuple[str, str]], system: Optional[str] = SYSTEM_PROMPT, *,
+def render(pairs: Sequence[tuple[str, str]], system: str | None = SYSTEM_PROMPT, *,
            generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """The template text without BOS, and the character spans that are trained (answers + `</s>`).
 
@@ -92,15 +90,15 @@ def _tokenize_with_placeholder(tokenizer, text: str):
     return ids, offsets
 
 
-def _finish(ids: list[int], labels: list[int], max_len: Optional[int]) -> Tokenized:
+def _finish(ids: list[int], labels: list[int], max_len: int | None) -> Tokenized:
     truncated = max_len is not None and len(ids) > max_len
     if truncated:  # VideoLLaMA2 truncates input_ids[:, :max_len] before expanding the visual tokens
         ids, labels = ids[:max_len], labels[:max_len]
     return Tokenized(np.asarray(ids, np.int32), np.asarray(labels, np.int32), truncated)
 
 
-def tokenize_conversation(tokenizer, conversations: Sequence[dict], *, system: Optional[str] = SYSTEM_PROMPT,
-                          max_len: Optional[int] = None, source: str = "conversation") -> Tokenized:
+def tokenize_conversation(tokenizer, conversations: Sequence[dict], *, system: str | None = SYSTEM_PROMPT,
+                          max_len: int | None = None, source: str = "conversation") -> Tokenized:
     text, spans = render(normalize_turns(conversations, source=source), system)
     ids, offsets = _tokenize_with_placeholder(tokenizer, text)
     labels = [i if any(s >= a and e <= b and e > s for a, b in spans) else IGNORE_INDEX
@@ -108,14 +106,14 @@ def tokenize_conversation(tokenizer, conversations: Sequence[dict], *, system: O
     return _finish([tokenizer.bos_token_id] + ids, [IGNORE_INDEX] + labels, max_len)
 
 
-def tokenize_caption(tokenizer, caption: str, *, max_len: Optional[int] = None) -> Tokenized:
+def tokenize_caption(tokenizer, caption: str, *, max_len: int | None = None) -> Tokenized:
     """Clip-text pretraining sample: `<video>` + " " + caption, everything but -201 trained (no BOS/EOS)."""
     ids, _ = _tokenize_with_placeholder(tokenizer, f"{VIDEO_TOKEN} {caption.strip()}")
     labels = [IGNORE_INDEX if i == VIDEO_TOKEN_INDEX else i for i in ids]
     return _finish(ids, labels, max_len)
 
 
-def prompt_ids(tokenizer, question: str, *, system: Optional[str] = SYSTEM_PROMPT, with_video: bool = True) -> list[int]:
+def prompt_ids(tokenizer, question: str, *, system: str | None = SYSTEM_PROMPT, with_video: bool = True) -> list[int]:
     """Inference prompt ids ending in `[/INST]` (VideoLLaMA2 `mm_infer`, add_generation_prompt)."""
     question = question.replace(VIDEO_TOKEN, "").strip()
     if with_video:

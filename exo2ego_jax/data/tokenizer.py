@@ -7,7 +7,10 @@ Same conventions as Mistral's fast tokenizer: `<unk>` 0, `<s>` 1, `</s>` 2, Meta
 """
 from __future__ import annotations
 
-from typing import Iterable
+import os
+from collections.abc import Iterable
+
+from exo2ego_jax.errors import DataError
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 
@@ -33,15 +36,15 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, *, vocab_size: int = 512
 
 def load_tokenizer(path: str):
     """`AutoTokenizer.from_pretrained(path)` with a clear error when the folder has no tokenizer."""
-    import os
     from transformers import AutoTokenizer
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer folder {path!r} does not exist; point the config's data.tokenizer (or "
-                                "--checkpoint) at a converted checkpoint folder, which holds the tokenizer files")
+        raise DataError(f"tokenizer folder {path!r} does not exist; point the config's data.tokenizer (or "
+                        "--checkpoint) at a converted checkpoint folder, which holds the tokenizer files",
+                        "missing tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise ValueError(f"no usable tokenizer in {path!r} ({type(e).__name__}: {e}); convert the checkpoint again "
+        raise DataError(f"no usable tokenizer in {path!r} ({type(e).__name__}: {e}); convert the checkpoint again "
                          "(the converters copy tokenizer.json / tokenizer_config.json)") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token  # VideoLLaMA2: pad := unk

@@ -9,12 +9,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-
-from exo2ego_jax.data.files import DataError
+from exo2ego_jax.errors import DataError
 
 
 class VideoError(DataError):
@@ -47,15 +46,15 @@ def uniform_indices(num_available: int, num_frames: int) -> list[int]:
     return np.round(np.asarray(mids) + 1e-6).astype(int).tolist()
 
 
-def window_frames(start: Optional[float], end: Optional[float], fps: float, num_total: int) -> tuple[int, int]:
+def window_frames(start: float | None, end: float | None, fps: float, num_total: int) -> tuple[int, int]:
     """VideoLLaMA2's frame range of [start, end] s: max(int(s*fps) - 1, 0) ... min(int(e*fps) - 1, n - 1)."""
     first = 0 if start is None else max(int(start * fps) - 1, 0)
     last = num_total - 1 if end is None else min(int(end * fps) - 1, num_total - 1)
     return first, max(first, last)
 
 
-def sample_frame_indices(num_total: int, fps: float, num_frames: int, start: Optional[float] = None,
-                         end: Optional[float] = None) -> list[int]:
+def sample_frame_indices(num_total: int, fps: float, num_frames: int, start: float | None = None,
+                         end: float | None = None) -> list[int]:
     first, last = window_frames(start, end, fps, num_total)
     return [first + i for i in uniform_indices(last - first + 1, num_frames)]
 
@@ -108,8 +107,8 @@ def _info(container, path: str) -> VideoInfo:
     return VideoInfo(count, fps, stream.codec_context.width, stream.codec_context.height)
 
 
-def read_clip(path: str, num_frames: int, start: Optional[float] = None, end: Optional[float] = None, *,
-              short_side: Optional[int] = None) -> tuple[np.ndarray, dict]:
+def read_clip(path: str, num_frames: int, start: float | None = None, end: float | None = None, *,
+              short_side: int | None = None) -> tuple[np.ndarray, dict]:
     """`num_frames` uint8 frames [T, H, W, 3] of [start, end] s, plus facts about the read.
 
     The returned dict has `padded` (frames missing from a truncated stream, filled with black as VideoLLaMA2
@@ -164,7 +163,7 @@ def read_frame_files(paths: Sequence[str]) -> np.ndarray:
     return np.stack(out)
 
 
-def _decode(container, path: str, info: VideoInfo, wanted: Sequence[int], short_side: Optional[int]) -> dict:
+def _decode(container, path: str, info: VideoInfo, wanted: Sequence[int], short_side: int | None) -> dict:
     """Decode the frames whose index is in `wanted` (seeking near the first one); missing ones are left out."""
     import av
     stream = container.streams.video[0]
@@ -193,7 +192,7 @@ def _decode(container, path: str, info: VideoInfo, wanted: Sequence[int], short_
     return out
 
 
-def _to_rgb(frame, short_side: Optional[int]) -> np.ndarray:
+def _to_rgb(frame, short_side: int | None) -> np.ndarray:
     if short_side:
         w, h = frame.width, frame.height
         scale = short_side / min(w, h)

@@ -1,1 +1,2 @@
-"""Evaluation: metric functions (metrics.py); benchmark loaders and the evaluate/infer CLIs follow."""
+"""Zero-shot evaluation: the eight egocentric benchmarks (loaders in their official formats, metrics) and the
+resumable runner behind `launch/evaluate.py`."""

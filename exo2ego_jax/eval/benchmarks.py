@@ -24,7 +24,10 @@ import json
 import os
 import pickle
 import random
-from typing import Any, Callable, Optional, Sequence
+import re
+import string
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -48,9 +51,9 @@ class Item:
     question: str
     options: Sequence[str] = ()
     answer: Any = None                          # option index, answer text, or label indices
-    start: Optional[float] = None
-    end: Optional[float] = None
-    frame_indices: Optional[list[int]] = None   # explicit frames (EgoPlan)
+    start: float | None = None
+    end: float | None = None
+    frame_indices: list[int] | None = None   # explicit frames (EgoPlan)
     meta: dict = dataclasses.field(default_factory=dict)
 
 
@@ -127,8 +130,6 @@ def load_qaego4d_open(root: str, *, max_items: int = 0, **_) -> list[Item]:
 
 
 def normalize_answer(text: str) -> str:
-    import re
-    import string
     text = text.lower()
     text = "".join(ch for ch in text if ch not in set(string.punctuation))
     text = re.sub(r"\b(a|an|the)\b", " ", text)
@@ -151,7 +152,7 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def qaego4d_open_metrics(preds, items, *, judge: Optional[Callable] = None, **_) -> dict:
+def qaego4d_open_metrics(preds, items, *, judge: Callable | None = None, **_) -> dict:
     """EM and ROUGE-L; with a judge (question, answer, prediction) -> {'pred': 'yes'|'no', 'score': 0-5}, the
     Video-ChatGPT-style Acc / Score the paper reports."""
     by_uid = {i.uid: i for i in items}
@@ -360,7 +361,7 @@ PAPER_SUITE = ("egoschema", "qaego4d_closed", "qaego4d_open", "egotaskqa_direct"
                "charades_ego", "ek100_mir", "egoplan", "vln_qa", "egomcq")
 
 
-def average(metrics: dict) -> Optional[float]:
+def average(metrics: dict) -> float | None:
     """The paper's Avg (mean of the ten sub-metrics); None until all ten are present."""
     values = [metrics.get(k) for k in AVG_METRICS]
     if any(v is None or v != v for v in values):

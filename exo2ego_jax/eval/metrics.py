@@ -9,11 +9,10 @@ parse_choice(text, num_options)       VideoLLaMA2-style letter parsing of a gene
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import numpy as np
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+from exo2ego_jax.data.prompts import LETTERS
 
 
 def multilabel_map(scores, labels) -> float:
@@ -81,7 +80,7 @@ def mir_metrics(similarity, relevancy) -> dict:
     return {k: out[k] for k in ("map_v2t", "map_t2v", "map_avg", "ndcg_v2t", "ndcg_t2v", "ndcg_avg")}
 
 
-def parse_choice(text: str, num_options: int) -> Optional[int]:
+def parse_choice(text: str, num_options: int) -> int | None:
     """Option index from a generated answer, or None.
 
     Accepted, in this order: a leading letter ("B", "(B)", "B.", "B)", "Answer: B", "The best answer is B"),

@@ -13,15 +13,18 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
-from exo2ego_jax.data.files import DataError
-from exo2ego_jax.eval import prompts
+from exo2ego_jax.data import prompts
 from exo2ego_jax.eval.benchmarks import (AVG_METRICS, BENCHMARKS, DATA_DIRS, PAPER, PAPER_AVG, Benchmark, Item,
                                          average)
+from exo2ego_jax.errors import DataError
 from exo2ego_jax.eval.metrics import parse_choice
+from exo2ego_jax.serve.inference import clip_pixels, generate_answers
+from exo2ego_jax.serve.scoring import option_losses, option_rows
 
 log = logging.getLogger(__name__)
 FALLBACKS = ("c", "wrong")
@@ -46,7 +49,6 @@ class EvalSettings:
 
 
 def _pixels(model, item: Item, aspect: str) -> np.ndarray:
-    from exo2ego_jax.inference import clip_pixels
     return clip_pixels(item.video, model.num_frames, model.image_size, start=item.start, end=item.end,
                        frame_indices=item.frame_indices, aspect=aspect)
 
@@ -61,8 +63,6 @@ def _mode(bench: Benchmark, settings: EvalSettings) -> str:
 
 def predict_batch(bench: Benchmark, items: Sequence[Item], pixels: np.ndarray, model, settings: EvalSettings
                   ) -> list[dict]:
-    from exo2ego_jax.eval.scoring import option_losses
-    from exo2ego_jax.inference import generate_answers, option_rows
     mode = _mode(bench, settings)
     if mode == "generate":
         if bench.kind == "open":
@@ -111,10 +111,9 @@ def _read_predictions(path: str) -> list[dict]:
 
 
 def run_benchmark(name: str, data_root: str, model, out_dir: str, *, settings: EvalSettings = EvalSettings(),
-                  load_options: Optional[dict] = None, judge: Optional[Callable] = None,
-                  show_progress: bool = True, items: Optional[list] = None) -> dict:
+                  load_options: dict | None = None, judge: Callable | None = None,
+                  show_progress: bool = True, items: list | None = None) -> dict:
     """Predict every item not yet in `out_dir/name/predictions.jsonl`, then compute the metrics."""
-    from tqdm import tqdm
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
     bench = BENCHMARKS[name]
@@ -174,13 +173,13 @@ def results_table(metrics: dict) -> str:
             rows.append(f"| {key} | {value:.1f} | - |")
     avg = average(metrics)
     missing = [k for k in AVG_METRICS if k not in metrics]
-    rows.append(f"| **Avg (10)** | {'%.1f' % avg if avg is not None else 'n/a (missing ' + ', '.join(missing) + ')'} "
-                f"| {PAPER_AVG} |")
+    shown = f"{avg:.1f}" if avg is not None else f"n/a (missing {', '.join(missing)})"
+    rows.append(f"| **Avg (10)** | {shown} | {PAPER_AVG} |")
     return "\n".join(rows)
 
 
 def run_suite(names: Sequence[str], data_root: str, model, out_dir: str, *, settings: EvalSettings,
-              load_options: Optional[dict] = None, judge=None, show_progress: bool = True) -> dict:
+              load_options: dict | None = None, judge=None, show_progress: bool = True) -> dict:
     """Each benchmark from `data_root/<its folder>`; writes results.json and results.md in `out_dir`."""
     metrics = {}
     for name in names:

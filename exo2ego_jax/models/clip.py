@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from exo2ego_jax.models.layers import ATTENTION_IMPLS, check_choice, dot_product_attention, run_layers, tag
+from exo2ego_jax.errors import check_choice
+from exo2ego_jax.models.layers import ATTENTION_IMPLS, constrain, even_length_attention, run_layers, tag
 
 SELECT_FEATURES = ("patch", "cls_patch")
+HIDDEN = ("activation_batch", "activation_length", "activation_embed")  # frames are the batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +59,7 @@ class CLIPVisionConfig:
         return self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
 
     @classmethod
-    def from_hf(cls, hf: dict, **overrides) -> "CLIPVisionConfig":
+    def from_hf(cls, hf: dict, **overrides) -> CLIPVisionConfig:
         """From a HF `CLIPVisionConfig` dict (or a `CLIPConfig` dict with a `vision_config` entry)."""
         hf = hf.get("vision_config", hf)
         if hf.get("hidden_act", "quick_gelu") != "quick_gelu":
@@ -96,11 +98,12 @@ class CLIPAttention(nn.Module):
     def __call__(self, x):
         cfg = self.config
         head_dim = cfg.hidden_size // cfg.num_heads
-        split = lambda t: t.reshape(*t.shape[:-1], cfg.num_heads, head_dim)
+        heads = ("activation_batch", "activation_length", "activation_heads", None)
+        split = lambda t: constrain(t.reshape(*t.shape[:-1], cfg.num_heads, head_dim), heads)
         q = tag(split(_dense(cfg, cfg.hidden_size, ("embed", "heads"), "q_proj")(x)), "query_proj")
         k = tag(split(_dense(cfg, cfg.hidden_size, ("embed", "heads"), "k_proj")(x)), "key_proj")
         v = tag(split(_dense(cfg, cfg.hidden_size, ("embed", "heads"), "v_proj")(x)), "value_proj")
-        out = dot_product_attention(q, k, v, impl=cfg.attention_impl)
+        out = constrain(even_length_attention(q, k, v, impl=cfg.attention_impl), heads)
         out = tag(out.reshape(*out.shape[:-2], cfg.hidden_size), "attention_out")
         return _dense(cfg, cfg.hidden_size, ("heads", "embed"), "out_proj")(out)
 
@@ -111,11 +114,13 @@ class CLIPEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, _unused=None):
         cfg = self.config
+        x = constrain(x, HIDDEN)
         x = x + CLIPAttention(cfg, name="self_attn")(_layer_norm(cfg, "layer_norm1")(x))
         h = _layer_norm(cfg, "layer_norm2")(x)
         h = quick_gelu(_dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "fc1")(h))
+        h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
         x = x + _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "fc2")(h)
-        return x, None
+        return constrain(x, HIDDEN), None
 
 
 class CLIPVisionEncoder(nn.Module):

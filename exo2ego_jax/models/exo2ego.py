@@ -11,7 +11,6 @@ Entry points others rely on:
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,9 @@ import numpy as np
 import flax.linen as nn
 
 from exo2ego_jax.models.clip import CLIPVisionConfig, CLIPVisionEncoder
-from exo2ego_jax.models.layers import check_choice
+from exo2ego_jax.models.layers import GRID, constrain
+from exo2ego_jax.constants import IGNORE_INDEX, VIDEO_TOKEN_INDEX
+from exo2ego_jax.errors import check_choice
 from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mapper import MLPMapper, MapperConfig, ResnetGenerator
 from exo2ego_jax.models.mistral import MistralConfig, MistralForCausalLM
@@ -27,8 +28,6 @@ from exo2ego_jax.models.stc import STCConfig, STCConnector
 
 FUSIONS = ("tokens", "frames", "none")
 VIEWS = ("ego", "exo")
-VIDEO_TOKEN_INDEX = -201   # VideoLLaMA2 MODAL_INDEX_MAP['<video>']
-IGNORE_INDEX = -100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +59,7 @@ class Exo2EgoConfig:
     def grid(self) -> int:
         return self.clip.image_size // self.clip.patch_size
 
-    def num_visual_tokens(self, fusion: Optional[str] = None) -> int:
+    def num_visual_tokens(self, fusion: str | None = None) -> int:
         fusion = fusion or self.fusion
         if fusion == "frames":
             return self.stc.num_tokens(2 * self.num_frames, self.grid)
@@ -71,7 +70,7 @@ class Exo2EgoConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, **overrides) -> "Exo2EgoConfig":
+    def from_dict(cls, d: dict, **overrides) -> Exo2EgoConfig:
         d = _deep_merge(dict(d), overrides)  # {"llm": {"lora": ...}} changes one nested field
         llm = d.get("llm", {})
         if isinstance(llm, dict):
@@ -161,7 +160,7 @@ class Exo2Ego(nn.Module):
     def _map(self, mapper, feats, deterministic):
         b, t, p, c = feats.shape
         g = self.config.grid
-        out = mapper(feats.reshape(b * t, g, g, c), deterministic=deterministic)
+        out = mapper(constrain(feats.reshape(b * t, g, g, c), GRID), deterministic=deterministic)
         return out.reshape(b, t, p, c).astype(feats.dtype)
 
     def map_f(self, x, deterministic: bool = True):
@@ -185,7 +184,7 @@ class Exo2Ego(nn.Module):
             return jnp.concatenate([both[:b], both[b:]], axis=1)
         return self.connector(jnp.concatenate([x, fx], axis=1))
 
-    def visual_tokens(self, pixels, view: str = "ego", fusion: Optional[str] = None, deterministic: bool = True):
+    def visual_tokens(self, pixels, view: str = "ego", fusion: str | None = None, deterministic: bool = True):
         """pixels [B, T, H, W, 3] -> LLM-space tokens [B, N, D]; `view='exo'` runs the exo encoder alone."""
         fusion = self.config.fusion if fusion is None else fusion
         feats = self.encode(pixels, view)
@@ -205,6 +204,7 @@ class Exo2Ego(nn.Module):
         embeds, mask, spliced_labels = splice_visual(text, input_ids, visual, attention_mask, labels,
                                                      video_token_index=cfg.video_token_index,
                                                      ignore_index=cfg.ignore_index)
+        embeds = constrain(embeds, ("activation_batch", "activation_length", "activation_embed"))
         length = embeds.shape[1]
         padded = _bucket(length, cfg.length_buckets)
         if padded > length:
@@ -216,15 +216,11 @@ class Exo2Ego(nn.Module):
         logits = self.llm(inputs_embeds=embeds, attention_mask=mask, deterministic=deterministic)
         return logits[:, :length], (None if spliced_labels is None else spliced_labels[:, :length])
 
-    def __call__(self, input_ids, pixels, attention_mask=None, labels=None, fusion: Optional[str] = None,
-                 view: str = "ego", deterministic: bool = True):
-        """Logits [B, S - 1 + N, V] (float32); with `labels`, also the VTG loss: `(logits, loss)`."""
-        from exo2ego_jax.losses import vtg_loss
+    def __call__(self, input_ids, pixels, attention_mask=None, fusion: str | None = None, view: str = "ego",
+                 deterministic: bool = True):
+        """Logits [B, S - 1 + N, V] (float32) of the text with the clip's visual tokens spliced in."""
         visual = self.visual_tokens(pixels, view=view, fusion=fusion, deterministic=deterministic)
-        logits, spliced = self.language_model(input_ids, visual, attention_mask, labels, deterministic)
-        if labels is None:
-            return logits
-        return logits, vtg_loss(logits, spliced, self.config.ignore_index)[0]
+        return self.language_model(input_ids, visual, attention_mask, None, deterministic)[0]
 
     def init_all(self, input_ids, pixels):
         """Touch every submodule (both encoders, F and G) so `init` creates every param."""
@@ -244,6 +240,26 @@ def _bucket(length: int, buckets: tuple[int, ...]) -> int:
             return b
     raise ValueError(f"spliced sequence length {length} exceeds the largest of length_buckets {buckets}; add a "
                      "larger bucket or truncate the text")
+
+
+# The composite's submodules and how to build each alone (its param tree equals the composite's subtree).
+SUBMODULES = ("ego_encoder", "exo_encoder", "mapper_f", "mapper_g", "connector", "llm")
+
+
+def init_submodule(config: Exo2EgoConfig, name: str, key) -> dict:
+    """Fresh (boxed) params of one submodule, e.g. F and G re-initialised for another mapper kind."""
+    check_choice("init.reinit", name, SUBMODULES)
+    c, g = config.clip, config.grid
+    if name in ("ego_encoder", "exo_encoder"):
+        module, args = CLIPVisionEncoder(c), (jnp.zeros((1, c.image_size, c.image_size, c.num_channels)),)
+    elif name in ("mapper_f", "mapper_g"):
+        module = ResnetGenerator(config.mapper) if config.mapper.kind == "resnet" else MLPMapper(config.mapper)
+        args = (jnp.zeros((1, g, g, c.hidden_size)),)
+    elif name == "connector":
+        module, args = STCConnector(config.stc), (jnp.zeros((1, config.num_frames, g * g, c.hidden_size)),)
+    else:
+        module, args = MistralForCausalLM(config.llm), (jnp.zeros((1, 1), jnp.int32),)
+    return module.init(key, *args)["params"]
 
 
 def example_inputs(config: Exo2EgoConfig):

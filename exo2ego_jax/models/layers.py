@@ -1,19 +1,21 @@
 """Building blocks shared by the backbones: attention dispatch, remat policies, layer stacking."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from exo2ego_jax.errors import check_choice
+
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 # Named rematerialization policies, chosen by name in the config (the MaxText convention). Each entry maps
 # to a `jax.checkpoint` policy; `None` means "do not wrap the layer in remat at all".
 # Tensor names used by `save_*` policies are the `checkpoint_name` tags placed inside the layers.
-REMAT_POLICIES: dict[str, Optional[Callable[..., bool]]] = {
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "none": None,
     # Recompute everything inside a layer; keep only the layer inputs (lowest memory).
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -31,19 +33,23 @@ REMAT_POLICIES: dict[str, Optional[Callable[..., bool]]] = {
 }
 
 
-def check_choice(field: str, value: Any, allowed) -> None:
-    """Raise a ValueError naming the config field and the allowed values."""
-    if value not in allowed:
-        raise ValueError(f"config field {field!r} is {value!r}; allowed values: {sorted(allowed)}")
-
-
 def tag(x: jax.Array, name: str) -> jax.Array:
     """Name an intermediate so `save_only_these_names` remat policies can keep it."""
     return checkpoint_name(x, name)
 
 
+GRID = ("activation_batch", None, None, "activation_channels")  # [N, h, w, C] feature maps
+
+
+def constrain(x: jax.Array, names: tuple) -> jax.Array:
+    """Pin an activation's layout by logical axis names (`activation_batch`, ...). A no-op unless the caller set
+    `nn.logical_axis_rules` and a mesh (the train step does); without it XLA may move activations instead of
+    weights (for example resharding q/k/v across FSDP devices)."""
+    return nn.with_logical_constraint(x, names)
+
+
 def dot_product_attention(query, key, value, *, impl: str, mask=None, is_causal: bool = False,
-                          kv_lengths=None, local_window: Optional[int] = None):
+                          kv_lengths=None, local_window: int | None = None):
     """Scaled dot-product attention on [B, T, N, H] tensors (GQA when key/value have fewer heads).
 
     `impl='xla'` takes any boolean `mask` ([B, 1|N, T, S]); `impl='cudnn'` runs the cuDNN flash kernel and
@@ -58,6 +64,23 @@ def dot_product_attention(query, key, value, *, impl: str, mask=None, is_causal:
             query, key, value, is_causal=is_causal, key_value_seq_lengths=kv_lengths,
             local_window_size=window, implementation="cudnn")
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
+
+
+def even_length_attention(query, key, value, *, impl: str):
+    """Bidirectional attention over all T positions, computed on an even length.
+
+    jax 0.10.2's cuDNN path treats the absent bias as present and then rejects an odd training length (CLIP's
+    577 = 24 x 24 + 1 tokens: "Unsupported sequence length"). One padded position, masked out as a key through
+    the per-sequence key length and dropped as a query, gives the same result on both implementations.
+    """
+    b, t = query.shape[:2]
+    if t % 2 == 0 or impl != "cudnn":
+        return dot_product_attention(query, key, value, impl=impl)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    lengths = jnp.full((b,), t, jnp.int32)
+    out = jax.nn.dot_product_attention(pad(query), pad(key), pad(value), key_value_seq_lengths=lengths,
+                                       implementation="cudnn")
+    return out[:, :t]
 
 
 def run_layers(layer_cls: type[nn.Module], layer_kwargs: dict, carry, layer_args: tuple, *,
@@ -87,7 +110,7 @@ def run_layers(layer_cls: type[nn.Module], layer_kwargs: dict, carry, layer_args
         return stack(**layer_kwargs, name="layers")(carry, *layer_args)
     outs = []
     for i in range(num_layers):
-        args = tuple(jax.tree.map(lambda t: t[i], a) if p else a for a, p in zip(layer_args, per_layer))
+        args = tuple(jax.tree.map(lambda t, i=i: t[i], a) if p else a for a, p in zip(layer_args, per_layer))
         carry, out = block(**layer_kwargs, name=f"layers_{i}")(carry, *args)
         outs.append(out)
     stacked = None if outs[0] is None else jax.tree.map(lambda *xs: jnp.stack(xs), *outs)

@@ -1,4 +1,4 @@
-"""Dense layers with optional low-rank adapters (LoRA), and helpers to merge and to freeze them.
+"""Dense layers with optional low-rank adapters (LoRA), and merging adapters into their kernels.
 
 The adapters are explicit siblings of the frozen kernel in the same `params` tree (`kernel`, `lora_a`,
 `lora_b`), so a base checkpoint loads unchanged and trainable/frozen sets are chosen by path regex.
@@ -9,13 +9,14 @@ the identity. The merged kernel is never materialised in the forward pass.
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-from flax import traverse_util
+
+from exo2ego_jax.models.params import as_dict
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -58,9 +59,9 @@ class LoRADense(nn.Module):
     `kernel` (and `bias`), so checkpoints are shared between the two.
     """
     features: int
-    kernel_axes: tuple[Optional[str], Optional[str]]
+    kernel_axes: tuple[str | None, str | None]
     use_bias: bool = False
-    lora: Optional[LoRAConfig] = None
+    lora: LoRAConfig | None = None
     deterministic: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -92,7 +93,7 @@ class LoRADense(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Param-tree helpers (operate on plain, unboxed param dicts).
+# Adapters in plain (unboxed) param trees.
 
 
 def merge_lora(params: dict, scale: float) -> dict:
@@ -111,48 +112,8 @@ def merge_lora(params: dict, scale: float) -> dict:
             update = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32)) * scale
             node["kernel"] = (kernel.astype(jnp.float32) + update).astype(kernel.dtype)
         return node
-    return visit(_to_dict(params))
-
-
-def strip_lora(params: dict) -> dict:
-    """Drop all adapter params (the base model's tree)."""
-    flat = traverse_util.flatten_dict(_to_dict(params), sep="/")
-    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if not is_lora_path(k)}, sep="/")
+    return visit(as_dict(params))
 
 
 def is_lora_path(path: str) -> bool:
     return path.rsplit("/", 1)[-1] in ("lora_a", "lora_b")
-
-
-def compile_patterns(patterns: Iterable[str]) -> list[re.Pattern]:
-    return [re.compile(p) for p in patterns]
-
-
-def path_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
-    """A predicate on '/'-joined param paths: True when any regex fully matches."""
-    compiled = compile_patterns(patterns)
-    return lambda path: any(p.fullmatch(path) for p in compiled)
-
-
-def split_params(params: dict, is_trainable: Callable[[str], bool]) -> tuple[dict, dict]:
-    """Split a param tree into (trainable, frozen) trees by a predicate on '/'-joined paths."""
-    flat = traverse_util.flatten_dict(_to_dict(params), sep="/")
-    trainable = {k: v for k, v in flat.items() if is_trainable(k)}
-    frozen = {k: v for k, v in flat.items() if not is_trainable(k)}
-    return (traverse_util.unflatten_dict(trainable, sep="/"), traverse_util.unflatten_dict(frozen, sep="/"))
-
-
-def combine_params(*trees: dict) -> dict:
-    """Inverse of `split_params`: union of disjoint trees (raises on an overlapping path)."""
-    merged: dict[str, Any] = {}
-    for tree in trees:
-        for k, v in traverse_util.flatten_dict(_to_dict(tree), sep="/").items():
-            if k in merged:
-                raise ValueError(f"param {k!r} appears in more than one tree")
-            merged[k] = v
-    return traverse_util.unflatten_dict(merged, sep="/")
-
-
-def _to_dict(tree):
-    from flax.core import unfreeze
-    return unfreeze(tree) if not isinstance(tree, dict) else tree

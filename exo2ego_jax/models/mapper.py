@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from exo2ego_jax.models.layers import check_choice
+from exo2ego_jax.errors import check_choice
+from exo2ego_jax.models.layers import GRID, constrain
 
 MAPPER_KINDS = ("resnet", "mlp")
 
@@ -85,7 +86,7 @@ class ResnetBlock(nn.Module):
         if cfg.dropout:
             h = nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
         h = _Conv(cfg, c, 3, name="conv_1")(reflect_pad(h, 1))
-        return x + instance_norm(h, cfg.norm_eps)
+        return constrain(x + instance_norm(h, cfg.norm_eps), GRID)
 
 
 class ResnetGenerator(nn.Module):
@@ -97,8 +98,8 @@ class ResnetGenerator(nn.Module):
         n, h, w, c = x.shape
         if h % 4 or w % 4:
             raise ValueError(f"the resnet mapper needs a grid divisible by 4 (two stride-2 stages); got {h}x{w}")
-        x = x.astype(cfg.dtype)
-        norm_relu = lambda t: nn.relu(instance_norm(t, cfg.norm_eps))
+        x = constrain(x.astype(cfg.dtype), GRID)
+        norm_relu = lambda t: constrain(nn.relu(instance_norm(t, cfg.norm_eps)), GRID)
         x = norm_relu(_Conv(cfg, cfg.width, 7, name="stem")(reflect_pad(x, 3)))
         for i in range(2):
             x = norm_relu(_Conv(cfg, cfg.width * 2 ** (i + 1), 3, stride=2, padding=((1, 1), (1, 1)),
@@ -114,7 +115,7 @@ class ResnetGenerator(nn.Module):
                                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("channels",)))(x)
             x = norm_relu(x)
         x = _Conv(cfg, c if cfg.channels is None else cfg.channels, 7, name="head")(reflect_pad(x, 3))
-        return jnp.tanh(x) if cfg.output_tanh else x
+        return constrain(jnp.tanh(x) if cfg.output_tanh else x, GRID)
 
 
 class MLPMapper(nn.Module):

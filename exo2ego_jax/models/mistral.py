@@ -6,16 +6,21 @@ RMSNorm statistics in float32, SwiGLU MLP, GQA, untied `lm_head`, logits returne
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from exo2ego_jax.models.layers import (ATTENTION_IMPLS, check_choice, dot_product_attention, rms_norm_f32,
-                                       run_layers, tag)
+from exo2ego_jax.errors import check_choice
+from exo2ego_jax.models.layers import (ATTENTION_IMPLS, constrain, dot_product_attention, rms_norm_f32, run_layers,
+                                       tag)
 from exo2ego_jax.models.lora import LoRAConfig, LoRADense
+
+HIDDEN = ("activation_batch", "activation_length", "activation_embed")
+HEADS = ("activation_batch", "activation_length", "activation_heads", None)
+KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +34,7 @@ class MistralConfig:
     head_dim: int = 128
     rope_theta: float = 1e6
     rms_norm_eps: float = 1e-5
-    sliding_window: Optional[int] = None
+    sliding_window: int | None = None
     max_position_embeddings: int = 32768
     bos_token_id: int = 1
     eos_token_id: int = 2
@@ -39,7 +44,7 @@ class MistralConfig:
     scan_layers: bool = False
     remat_policy: str = "none"
     attention_impl: str = "xla"
-    lora: Optional[LoRAConfig] = None
+    lora: LoRAConfig | None = None
 
     def __post_init__(self):
         check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
@@ -49,7 +54,7 @@ class MistralConfig:
             object.__setattr__(self, "lora", LoRAConfig(**{**self.lora, "targets": tuple(self.lora["targets"])}))
 
     @classmethod
-    def from_hf(cls, hf: dict, **overrides) -> "MistralConfig":
+    def from_hf(cls, hf: dict, **overrides) -> MistralConfig:
         """From a HF `MistralConfig` dict (also VideoLLaMA2's `videollama2_mistral` config)."""
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported; Mistral uses silu")
@@ -117,7 +122,7 @@ def init_cache(config: MistralConfig, batch_size: int, max_length: int, dtype=No
                 index=jnp.zeros((), jnp.int32))
 
 
-def _causal_mask(q_pos, k_pos, k_valid, window: Optional[int]):
+def _causal_mask(q_pos, k_pos, k_valid, window: int | None):
     """Boolean [B, 1, Q, K]: key valid, not in the future, and inside the sliding window (HF semantics)."""
     mask = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
     if window is not None:
@@ -158,9 +163,10 @@ class MistralAttention(nn.Module):
         q = self._proj(cfg.num_heads * cfg.head_dim, ("embed", "heads"), "q", "q_proj")(x)
         k = self._proj(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), "k", "k_proj")(x)
         v = self._proj(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), "v", "v_proj")(x)
-        q = tag(apply_rope(q.reshape(b, s, cfg.num_heads, cfg.head_dim), cos, sin), "query_proj")
-        k = tag(apply_rope(k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim), cos, sin), "key_proj")
-        v = tag(v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim), "value_proj")
+        q = tag(constrain(apply_rope(q.reshape(b, s, cfg.num_heads, cfg.head_dim), cos, sin), HEADS), "query_proj")
+        k = tag(constrain(apply_rope(k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim), cos, sin), KV_HEADS),
+                "key_proj")
+        v = tag(constrain(v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim), KV_HEADS), "value_proj")
         new_cache = None
         if layer_cache is not None:
             index = attn["index"]
@@ -173,7 +179,7 @@ class MistralAttention(nn.Module):
         else:  # cuDNN flash path: causal + right-padding lengths + window
             out = dot_product_attention(q, k, v, impl="cudnn", is_causal=True, kv_lengths=attn["kv_lengths"],
                                         local_window=cfg.sliding_window)
-        out = tag(out.reshape(b, s, cfg.num_heads * cfg.head_dim), "attention_out")
+        out = tag(constrain(out, HEADS).reshape(b, s, cfg.num_heads * cfg.head_dim), "attention_out")
         return self._proj(cfg.hidden_size, ("heads", "embed"), "o", "o_proj")(out), new_cache
 
 
@@ -190,8 +196,9 @@ class MistralMLP(nn.Module):
             return LoRADense(features, axes, lora=lora, deterministic=self.deterministic, dtype=cfg.dtype,
                              param_dtype=cfg.param_dtype, name=name)
 
-        gate = tag(proj(cfg.intermediate_size, ("embed", "mlp"), "gate", "gate_proj")(x), "mlp_gate")
-        up = tag(proj(cfg.intermediate_size, ("embed", "mlp"), "up", "up_proj")(x), "mlp_up")
+        mlp = ("activation_batch", "activation_length", "activation_mlp")
+        gate = tag(constrain(proj(cfg.intermediate_size, ("embed", "mlp"), "gate", "gate_proj")(x), mlp), "mlp_gate")
+        up = tag(constrain(proj(cfg.intermediate_size, ("embed", "mlp"), "up", "up_proj")(x), mlp), "mlp_up")
         return proj(cfg.hidden_size, ("mlp", "embed"), "down", "down_proj")(jax.nn.silu(gate) * up)
 
 
@@ -203,11 +210,12 @@ class MistralDecoderLayer(nn.Module):
     def __call__(self, x, cos, sin, attn, layer_cache):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+        x = constrain(x, HIDDEN)
         h, new_cache = MistralAttention(cfg, self.deterministic, name="self_attn")(
             norm("input_layernorm")(x), cos, sin, attn, layer_cache)
         x = x + h
         x = x + MistralMLP(cfg, self.deterministic, name="mlp")(norm("post_attention_layernorm")(x))
-        return x, new_cache
+        return constrain(x, HIDDEN), new_cache
 
 
 class MistralDecoderStack(nn.Module):
@@ -241,9 +249,9 @@ class MistralForCausalLM(nn.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens(input_ids)
 
-    def __call__(self, input_ids: Optional[jax.Array] = None, *, inputs_embeds: Optional[jax.Array] = None,
-                 attention_mask: Optional[jax.Array] = None, position_ids: Optional[jax.Array] = None,
-                 cache: Optional[dict] = None, deterministic: bool = True):
+    def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None, position_ids: jax.Array | None = None,
+                 cache: dict | None = None, deterministic: bool = True):
         hidden, new_cache = self.decode(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                         position_ids=position_ids, cache=cache, deterministic=deterministic)
         logits = self.lm_head(hidden).astype(jnp.float32)

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from flax import traverse_util
 
+from exo2ego_jax.errors import CheckpointError
 from exo2ego_jax.models.clip import CLIPVisionConfig, CLIPVisionEncoder
+from exo2ego_jax.models.exo2ego import Exo2Ego, Exo2EgoConfig, example_inputs
 from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mistral import MistralConfig, MistralForCausalLM
 
@@ -23,28 +26,18 @@ class ModelSpec:
     from_dict: Any = None                   # config dict -> config (default: config_cls(**d))
 
 
-MODEL_KINDS: dict[str, ModelSpec] = {  # "exo2ego" registers itself on first use (import order)
+MODEL_KINDS: dict[str, ModelSpec] = {
     "clip": ModelSpec(CLIPVisionConfig, CLIPVisionEncoder,
                       lambda c: (jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32),)),
     "mistral": ModelSpec(MistralConfig, MistralForCausalLM, lambda c: (jnp.zeros((1, 1), jnp.int32),)),
+    "exo2ego": ModelSpec(Exo2EgoConfig, Exo2Ego, example_inputs, init_method="init_all",
+                         from_dict=Exo2EgoConfig.from_dict),
 }
 
 
-def _exo2ego_spec() -> ModelSpec:
-    from exo2ego_jax.models.exo2ego import Exo2Ego, Exo2EgoConfig, example_inputs
-    return ModelSpec(Exo2EgoConfig, Exo2Ego, example_inputs, init_method="init_all",
-                     from_dict=Exo2EgoConfig.from_dict)
-
-
-def register(kind: str, spec: ModelSpec) -> None:
-    MODEL_KINDS[kind] = spec
-
-
 def spec_for(kind: str) -> ModelSpec:
-    if kind == "exo2ego" and kind not in MODEL_KINDS:
-        MODEL_KINDS[kind] = _exo2ego_spec()
     if kind not in MODEL_KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; known kinds: {sorted(MODEL_KINDS)}")
+        raise CheckpointError(f"unknown model kind {kind!r}; known kinds: {sorted(MODEL_KINDS)}")
     return MODEL_KINDS[kind]
 
 

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from exo2ego_jax.models.layers import check_choice
+from exo2ego_jax.errors import check_choice
+from exo2ego_jax.models.layers import GRID, constrain
 
 STC_VARIANTS = {"stc": 1, "stc_v35": 0}  # variant -> Conv3d padding
 
@@ -140,7 +141,7 @@ class Bottleneck(nn.Module):
         x = ConvNormAct(cfg, self.out_channels, 1, apply_act=False, name="conv3")(x)
         if in_channels != self.out_channels:
             shortcut = ConvNormAct(cfg, self.out_channels, 1, apply_act=False, name="downsample")(shortcut)
-        return nn.silu(x + shortcut)
+        return constrain(nn.silu(x + shortcut), GRID)
 
 
 class RegStage(nn.Module):
@@ -166,7 +167,7 @@ class STCConnector(nn.Module):
         if hw * hw != p or c != cfg.encoder_hidden_size:
             raise ValueError(f"STC expects features [B, T, h*w, {cfg.encoder_hidden_size}] on a square grid; "
                              f"got {tuple(features.shape)}")
-        x = features.astype(cfg.dtype).reshape(b * t, hw, hw, c)
+        x = constrain(features.astype(cfg.dtype).reshape(b * t, hw, hw, c), GRID)
         x = RegStage(cfg, cfg.hidden_size, name="s1")(x)
         x = x.reshape(b, t, hw, hw, cfg.hidden_size)
         pad = cfg.padding
@@ -178,7 +179,7 @@ class STCConnector(nn.Module):
         x = nn.silu(x)
         _, nt, nh, nw, d = x.shape
         x = RegStage(cfg, cfg.hidden_size, name="s2")(x.reshape(b * nt, nh, nw, d))
-        x = x.reshape(b, nt * nh * nw, d)
+        x = constrain(x.reshape(b, nt * nh * nw, d), ("activation_batch", "activation_length", "activation_embed"))
         dense = lambda name: nn.Dense(cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
                                       kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                                                ("embed", "mlp")),

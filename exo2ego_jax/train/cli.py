@@ -11,8 +11,12 @@ import multiprocessing
 import os
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from exo2ego_jax.errors import Exo2EgoError
+from exo2ego_jax.train.loop import train
 
 FLAGS = flags.FLAGS
 
@@ -34,7 +38,6 @@ def init_distributed() -> None:
     explicit = FLAGS.coordinator_address is not None
     if not (explicit or FLAGS.distributed):
         return
-    import jax
     if jax.config.jax_platforms and "cpu" in jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
@@ -50,11 +53,9 @@ def main(argv) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     init_distributed()
-    from exo2ego_jax.train.config import ConfigError
-    from exo2ego_jax.train.loop import TrainingDiverged, train
     try:
         result = train(FLAGS.config, FLAGS.workdir, show_progress=FLAGS.progress)
-    except (ConfigError, FileNotFoundError, TrainingDiverged, ValueError) as e:
+    except Exo2EgoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result.metrics:

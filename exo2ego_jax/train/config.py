@@ -1,27 +1,45 @@
-"""Turn a stage's ml_collections config into model / loss / stage objects, validating every field on the way.
+"""A stage's ml_collections config, checked field by field and resolved once into a `Run`.
 
-A bad value raises `ConfigError` naming the field and what is allowed, before anything is compiled.
+`resolve(c)` validates every field (a bad value raises `ConfigError` naming the field and what is allowed),
+finds the init checkpoint, reconciles the config's model section with that checkpoint's architecture, and
+builds the model / loss / stage objects. Everything downstream (state, step, data, export) takes the `Run`.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import importlib.util
+import os
 from typing import Any
 
+import ml_collections
+
+from exo2ego_jax.checkpoints import CONFIG_FILE, TOKENIZER_FILES, read_model_config
+from exo2ego_jax.errors import ConfigError
 from exo2ego_jax.losses import LossConfig
 from exo2ego_jax.models.clip import CLIPVisionConfig
-from exo2ego_jax.models.exo2ego import Exo2EgoConfig
+from exo2ego_jax.models.exo2ego import SUBMODULES, Exo2EgoConfig
 from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mapper import MapperConfig
 from exo2ego_jax.models.mistral import MistralConfig
 from exo2ego_jax.models.stc import STCConfig
-from exo2ego_jax.stages import STAGES, StageSpec, get_stage
+from exo2ego_jax.sharding import FROZEN_LAYOUTS
+from exo2ego_jax.train.stages import STAGES, StageSpec, get_stage
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "constant")
-DATA_SOURCES = ("synthetic", "ego_exo_clip", "ego_it", "records")
+DATA_SOURCES = ("toy", "ego_exo_clip", "ego_it", "records")
+EXPORT_DIR = "export"  # a finished stage's load_pretrained checkpoint inside its workdir
 
-
-class ConfigError(ValueError):
-    """A config field holds a value that cannot work; the message names the field."""
+# Model-config fields a run may set on top of a checkpoint's architecture (no param changes shape).
+RUNTIME_FIELDS = {
+    "clip": ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl"),
+    "llm": ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "lora"),
+    "stc": ("dtype", "param_dtype"),
+    "mapper": ("dtype", "param_dtype", "dropout"),
+}
+SECTION_MODULES = {"clip": ("ego_encoder", "exo_encoder"), "llm": ("llm",), "stc": ("connector",),
+                   "mapper": ("mapper_f", "mapper_g")}
 
 
 def _require(cond: bool, field: str, message: str) -> None:
@@ -30,31 +48,37 @@ def _require(cond: bool, field: str, message: str) -> None:
 
 
 def validate(c) -> None:
+    """Check every field of a stage config; raise ConfigError naming the first bad one."""
     _require(c.stage in STAGES, "stage", f"{c.stage!r} is not one of {sorted(STAGES)}")
     for field in ("compute_dtype", "frozen_dtype"):
         _require(c[field] in DTYPES, field, f"{c[field]!r} is not one of {DTYPES}")
     _require(c.batch_size > 0, "batch_size", f"must be positive, got {c.batch_size}")
+    _require(c.per_device_batch >= 0, "per_device_batch", f"must be >= 0 (0: use microbatches), got {c.per_device_batch}")
     _require(c.microbatches > 0 and c.batch_size % c.microbatches == 0, "microbatches",
              f"{c.microbatches} must be positive and divide batch_size {c.batch_size}")
     _require(c.optim.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {c.optim.learning_rate}")
     _require(0 <= c.optim.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {c.optim.warmup_ratio}")
     _require(c.optim.schedule in SCHEDULES, "optim.schedule", f"{c.optim.schedule!r} is not one of {SCHEDULES}")
     _require(c.optim.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {c.optim.grad_clip}")
-    _require(c.num_train_steps > 0 or c.num_epochs > 0, "num_epochs",
-             "set num_epochs > 0 or num_train_steps > 0")
-    _require(c.data.source in DATA_SOURCES, "data.source", f"{c.data.source!r} is not one of {DATA_SOURCES}")
+    _require(c.num_train_steps > 0 or c.num_epochs > 0, "num_epochs", "set num_epochs > 0 or num_train_steps > 0")
+    _require(c.data.source in DATA_SOURCES, "data.source", f"{c.data.source!r} is not one of {DATA_SOURCES}" +
+             (" (the in-memory set formerly called 'synthetic' is 'toy'; the rendered synthetic ego-exo dataset "
+              "is read through 'ego_exo_clip' / 'ego_it' records)" if c.data.source == "synthetic" else ""))
     _require(c.log_every > 0, "log_every", f"must be positive, got {c.log_every}")
     _require(c.checkpoint_every > 0, "checkpoint_every", f"must be positive, got {c.checkpoint_every}")
     _require(c.keep_checkpoints > 0, "keep_checkpoints", f"must be positive, got {c.keep_checkpoints}")
+    _require(c.sharding.frozen in FROZEN_LAYOUTS, "sharding.frozen", f"{c.sharding.frozen!r} is not one of {FROZEN_LAYOUTS}")
     _require(len(tuple(c.mesh.shape)) == 3, "mesh.shape", f"needs 3 entries (data, fsdp, tensor), got {c.mesh.shape}")
     _require(not (c.init.checkpoint and c.init.from_workdir), "init.checkpoint",
              "set init.checkpoint or init.from_workdir, not both")
+    unknown = sorted(set(c.init.reinit) - set(SUBMODULES))
+    _require(not unknown, "init.reinit", f"unknown modules {unknown}; choose among {sorted(SUBMODULES)}")
     _require(c.data.seq_len > 0, "data.seq_len", f"must be positive, got {c.data.seq_len}")
     _require(c.data.worker_count >= 0, "data.worker_count", f"must be >= 0, got {c.data.worker_count}")
     _require(c.data.aspect in ("crop", "pad"), "data.aspect", f"{c.data.aspect!r} is not 'crop' or 'pad'")
     _require(all(int(b) > 0 for b in c.data.text_buckets), "data.text_buckets",
              f"must be positive lengths, got {tuple(c.data.text_buckets)}")
-    if c.data.source != "synthetic":
+    if c.data.source != "toy":
         _require(bool(c.data.root), "data.root", f"is empty; data.source={c.data.source!r} reads records built by "
                  "`python -m exo2ego_jax.data.build ... --out DIR`: set data.root=DIR")
         _require(bool(c.data.tokenizer or c.init.checkpoint or c.init.from_workdir), "data.tokenizer",
@@ -71,14 +95,14 @@ def validate(c) -> None:
 
 
 def model_config(c) -> Exo2EgoConfig:
+    """The model the config's `model` section describes (before any init checkpoint is consulted)."""
     m = c.model
     compute = c.compute_dtype
     clip = CLIPVisionConfig(**dict(m.clip), dtype=compute, scan_layers=m.scan_layers,
                             remat_policy=m.clip_remat_policy, attention_impl=m.attention_impl)
     lora = None
     if c.lora.enabled:
-        lora = LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
-                          targets=tuple(c.lora.targets))
+        lora = LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout, targets=tuple(c.lora.targets))
     llm = MistralConfig(**dict(m.llm), dtype=compute, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
                         attention_impl=m.attention_impl, lora=lora)
     stc = STCConfig(encoder_hidden_size=clip.hidden_size, hidden_size=llm.hidden_size, dtype=compute, **dict(m.stc))
@@ -91,49 +115,171 @@ def loss_config(c) -> LossConfig:
     return LossConfig(**dict(c.loss))
 
 
-EXPORT_DIR = "export"  # a finished stage's load_pretrained checkpoint inside its workdir
+def stage_spec(c) -> StageSpec:
+    return get_stage(c.stage, trainable=tuple(c.trainable) or None, fusion=c.fusion or None, loss=loss_config(c),
+                     lora=bool(c.lora.enabled), train_connector=bool(c.train_connector))
 
 
 def tokenizer_dir(c) -> str:
     """Where this run's tokenizer lives: data.tokenizer, else the init checkpoint, else the previous stage's
     export (exports carry the tokenizer files along). Empty when none of them has one."""
-    import os
     candidates = [c.data.tokenizer, c.init.checkpoint]
     if c.init.from_workdir:
         candidates.append(os.path.join(c.init.from_workdir, EXPORT_DIR))
     for path in candidates:
-        if path and any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        if path and any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES[:2]):
             return path
     return c.data.tokenizer or c.init.checkpoint or ""
 
 
-def stage_spec(c) -> StageSpec:
-    return get_stage(c.stage, trainable=tuple(c.trainable) or None, fusion=c.fusion or None, loss=loss_config(c),
-                     lora=bool(c.lora.enabled))
+def resolve_init(c) -> str | None:
+    """The checkpoint the params start from (None: a seeded random init, tiny/demo only)."""
+    if c.init.checkpoint:
+        path = c.init.checkpoint
+        if not os.path.exists(os.path.join(path, CONFIG_FILE)):
+            raise ConfigError(f"config field 'init.checkpoint': {path!r} is not a converted checkpoint (no "
+                              f"{CONFIG_FILE}); convert one with `python -m exo2ego_jax.convert videollama2 ...`")
+        return path
+    if c.init.from_workdir:
+        path = os.path.join(c.init.from_workdir, EXPORT_DIR)
+        if not os.path.exists(os.path.join(path, CONFIG_FILE)):
+            raise ConfigError(f"config field 'init.from_workdir': {c.init.from_workdir!r} has no finished export "
+                              f"({path}); run the previous stage to the end, or set init.checkpoint to a converted "
+                              "checkpoint")
+        return path
+    if not c.init.allow_random:
+        raise ConfigError("config field 'init.checkpoint': no init checkpoint or previous-stage workdir is set and "
+                          "init.allow_random is False; point init.checkpoint at a converted checkpoint")
+    return None
 
 
-def as_plain(value: Any):
-    """ConfigDict -> plain dict/list values (for JSON and logging)."""
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    return value
+def checkpoint_model_config(path: str, c, run_cfg: Exo2EgoConfig) -> Exo2EgoConfig:
+    """The init checkpoint's architecture with this run's runtime fields.
+
+    A model field the config sets that the checkpoint cannot satisfy (a mapper of another kind, another width)
+    is an error naming the field, unless the modules it belongs to are listed in `init.reinit`: those take the
+    config's architecture and start from a fresh seeded init.
+    """
+    meta = read_model_config(path)
+    if meta["kind"] != "exo2ego":
+        raise ConfigError(f"init checkpoint {path!r} holds a {meta['kind']!r} model; stages start from an exo2ego "
+                          "checkpoint (python -m exo2ego_jax.convert videollama2 ...) or a previous stage's export")
+    stored = meta["config"]
+    reinit = set(c.init.reinit)
+    merged: dict[str, Any] = {}
+    for section, runtime in RUNTIME_FIELDS.items():
+        ours = dataclasses.asdict(getattr(run_cfg, section))
+        theirs = dict(stored.get(section, {}))
+        if set(SECTION_MODULES[section]) <= reinit:
+            merged[section] = ours  # re-initialised: the config's architecture wins
+            continue
+        for field in c.model[section]:
+            if field in runtime or theirs.get(field, ours[field]) == ours[field]:
+                continue
+            flag = f"model.{section}.{field}"
+            raise ConfigError(
+                f"config field {flag!r} is {ours[field]!r} but the init checkpoint {path!r} was built with "
+                f"{theirs.get(field)!r}; set --config.{flag}={theirs.get(field)!r}, or re-initialise "
+                f"{'/'.join(SECTION_MODULES[section])} with --config.init.reinit='{SECTION_MODULES[section]!r}'")
+        merged[section] = {**theirs, **{k: ours[k] for k in runtime}}
+        if section == "mapper" and "channels" in merged[section]:
+            merged[section]["channels"] = theirs.get("channels", ours["channels"])
+    top = dict(fusion=run_cfg.fusion, length_buckets=run_cfg.length_buckets, num_frames=run_cfg.num_frames)
+    return Exo2EgoConfig.from_dict({**stored, **merged, **top})
 
 
-def load_config_file(path: str, preset: str, overrides: dict | None = None):
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A validated stage config and everything derived from it once."""
+    config: ml_collections.ConfigDict
+    model: Exo2EgoConfig
+    loss: LossConfig
+    stage: StageSpec
+    init_path: str | None
+    tokenizer_dir: str
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The clip views this stage reads: ego and exo for the guidance stage, else the one feeding the LLM."""
+        return ("ego", "exo") if self.stage.guidance else (self.stage.view,)
+
+    def microbatches(self, data_parallel: int) -> int:
+        """Gradient-accumulation steps for `data_parallel` devices (mesh data x fsdp).
+
+        With `per_device_batch` set, the global batch is split into rows of that many clips per device
+        (MaxText's per_device_batch_size): microbatches = batch_size / (per_device_batch x data_parallel).
+        Otherwise `microbatches` is taken as given.
+        """
+        c = self.config
+        if c.per_device_batch > 0:
+            rows = c.per_device_batch * data_parallel
+            if c.batch_size % rows:
+                per_device = c.batch_size // data_parallel
+                hint = (f"a per_device_batch dividing {per_device}" if c.batch_size % data_parallel == 0 else
+                        f"a mesh whose data x fsdp divides {c.batch_size}")
+                raise ConfigError(
+                    f"config field 'batch_size': {c.batch_size} cannot be split into microbatches of per_device_batch "
+                    f"{c.per_device_batch} x {data_parallel} data-parallel devices = {rows} rows; choose {hint}")
+            return c.batch_size // rows
+        per_micro = c.batch_size // c.microbatches
+        if per_micro % data_parallel:
+            raise ConfigError(
+                f"config field 'batch_size': {c.batch_size} / microbatches {c.microbatches} = {per_micro} rows per "
+                f"microbatch is not divisible by the data-parallel size {data_parallel} (mesh data x fsdp); set "
+                f"per_device_batch instead, or choose batch_size = k * {data_parallel * c.microbatches}")
+        return c.microbatches
+
+
+def resolve_for_compile(c) -> Run:
+    """`c` validated, with the architecture of its model section and no init checkpoint read (ahead-of-time
+    compilation needs shapes only; the 7b presets' model section is VideoLLaMA2-7B-16F's)."""
+    validate(c)
+    return Run(config=c, model=model_config(c), loss=loss_config(c), stage=stage_spec(c), init_path=None,
+               tokenizer_dir="")
+
+
+def resolve(c) -> Run:
+    """Validate `c` and derive the model, loss and stage once."""
+    validate(c)
+    init_path = resolve_init(c)
+    model = model_config(c)
+    if init_path is not None:
+        model = checkpoint_model_config(init_path, c, model)
+    return Run(config=c, model=model, loss=loss_config(c), stage=stage_spec(c), init_path=init_path,
+               tokenizer_dir=tokenizer_dir(c))
+
+
+def load_config_file(path: str, preset: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
     """`get_config(preset)` of a config file, with dotted-key overrides ({"optim.learning_rate": 1e-4})."""
-    import importlib.util
-    import os
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist; use one of configs/stage0.py ... stage3.py")
     name = "config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or not os.path.exists(path):
-        raise ConfigError(f"config file {path!r} does not exist")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config(preset)
-    for key, value in (overrides or {}).items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    apply_overrides(c, overrides or {})
     return c
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> None:
+    """Set dotted keys; an unknown key is a ConfigError with the closest existing names."""
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = c
+        for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                raise ConfigError(unknown_field_message(key, node, parts[:i], part))
+            if i < len(parts) - 1:
+                node = node[part]
+        node[parts[-1]] = value
+
+
+def unknown_field_message(key: str, node, parents: list[str], part: str) -> str:
+    """'config has no field X; did you mean Y?' for a misspelled dotted key."""
+    where = ".".join(parents)
+    options = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    close = [".".join(parents + [m]) for m in difflib.get_close_matches(part, options, n=3)]
+    if close:
+        return f"config has no field {key!r}; did you mean {' or '.join(repr(m) for m in close)}?"
+    return f"config has no field {key!r}; the fields of {where or 'the config'} are {options}"

@@ -1,8 +1,8 @@
 """The training loop every stage runs: `train(config, workdir)`.
 
-  init/restore (sharded) -> compile the stage's step (memory and cost analysis printed) -> loop:
-  batch -> step -> metrics (stdout bar, metrics.jsonl, TensorBoard) -> checkpoint every N steps
-  -> export a serving checkpoint at the end.
+  resolve the config -> mesh -> build the stage's state and jitted step (`build_step`, also what the
+  ahead-of-time compiler uses) -> init/restore (sharded) -> loop: batch -> step -> metrics (progress bar,
+  metrics.jsonl, TensorBoard) -> checkpoint every N steps -> export a serving checkpoint at the end.
 A restarted run resumes from the latest complete checkpoint with nothing repeated and nothing skipped.
 """
 from __future__ import annotations
@@ -12,32 +12,36 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
-from typing import Any, Optional
+from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
+from exo2ego_jax.checkpoints import copy_tokenizer_files, write_checkpoint
+from exo2ego_jax.data.loader import make_iterator
+from exo2ego_jax.errors import Exo2EgoError
 from exo2ego_jax.models.exo2ego import Exo2Ego
-from exo2ego_jax.models.lora import combine_params, merge_lora
-from exo2ego_jax.sharding import create_mesh
+from exo2ego_jax.models.lora import merge_lora
+from exo2ego_jax.models.params import combine_params
+from exo2ego_jax.sharding import create_mesh, rules_for
 from exo2ego_jax.train import config as config_lib
 from exo2ego_jax.train import state as state_lib
-from exo2ego_jax.data.preprocess import normalize
-from exo2ego_jax.data.template import IGNORE_INDEX
-from exo2ego_jax.train.config import EXPORT_DIR, tokenizer_dir
-from exo2ego_jax.train.checkpointing import TrainCheckpointer, export_params
+from exo2ego_jax.train.batches import agree_on_text_width, batch_fingerprint, global_batch, to_model_batch
+from exo2ego_jax.train.checkpointing import TrainCheckpointer
+from exo2ego_jax.train.config import EXPORT_DIR, Run
 from exo2ego_jax.train.metrics import MetricsLogger
 from exo2ego_jax.train.optim import make_optimizer
 from exo2ego_jax.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
-from exo2ego_jax.train.synthetic import batch_fingerprint
+from exo2ego_jax.train.toy_data import BatchIterator, toy_examples
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(Exo2EgoError, RuntimeError):
     """The loss or gradient norm became NaN/inf; the last good checkpoint is left untouched."""
 
 
@@ -46,71 +50,28 @@ class TrainResult:
     workdir: str
     last_step: int
     metrics: list
-    export_dir: Optional[str]
+    export_dir: str | None
 
 
-def resolve_init(c) -> Optional[str]:
-    if c.init.checkpoint:
-        path = c.init.checkpoint
-        if not os.path.exists(os.path.join(path, "model_config.json")):
-            raise FileNotFoundError(f"init.checkpoint {path!r} is not a converted checkpoint (no model_config.json); "
-                                    "convert one with `python -m exo2ego_jax.convert videollama2 ...`")
-        return path
-    if c.init.from_workdir:
-        path = os.path.join(c.init.from_workdir, EXPORT_DIR)
-        if not os.path.exists(os.path.join(path, "model_config.json")):
-            raise FileNotFoundError(f"init.from_workdir {c.init.from_workdir!r} has no finished export ({path}); run "
-                                    "the previous stage to the end, or set init.checkpoint to a converted checkpoint")
-        return path
-    if not c.init.allow_random:
-        raise ValueError("config field 'init.checkpoint': no init checkpoint or previous-stage workdir is set and "
-                         "init.allow_random is False; point init.checkpoint at a converted checkpoint")
-    return None
+def make_mesh(c, devices: Sequence | None = None):
+    """The ('data', 'fsdp', 'tensor') mesh of `mesh.shape` over `devices` (default: this job's devices)."""
+    if devices is None:
+        devices = jax.devices() if c.mesh.num_devices < 0 else jax.devices()[:c.mesh.num_devices]
+    return create_mesh(tuple(c.mesh.shape), devices)
 
 
-def make_data(c, model_cfg, *, process_index: int, process_count: int, split: str = "train"):
-    """The batch iterator named by `data.source` (synthetic in-memory here; Grain loaders for real data)."""
-    from exo2ego_jax.train.synthetic import BatchIterator, synthetic_examples
-    if c.data.source != "synthetic":
-        from exo2ego_jax.data.loader import make_iterator  # the Grain pipeline (data issue)
-        return make_iterator(c, model_cfg, process_index=process_index, process_count=process_count, split=split)
-    seed = c.seed if split == "train" else c.seed + 1000
-    examples = synthetic_examples(c.data.num_examples, frames=model_cfg.num_frames, image_size=model_cfg.clip.image_size,
-                                  vocab_size=model_cfg.llm.vocab_size, seq_len=c.data.seq_len, seed=seed)
-    return BatchIterator(examples, c.batch_size, seed=c.seed, shuffle=c.data.shuffle, process_index=process_index,
-                         process_count=process_count)
-
-
-
-
-def to_model_batch(local: dict, compute_dtype) -> dict:
-    """uint8 frames -> CLIP-normalised pixels; keeps the token arrays."""
-    out = {k: local[k] for k in ("input_ids", "attention_mask", "labels")}
-    for src, dst in (("ego_frames", "ego_pixels"), ("exo_frames", "exo_pixels")):
-        if src in local:
-            out[dst] = normalize(local[src], compute_dtype)
-    return out
-
-
-def agree_on_text_width(local: dict) -> dict:
-    """Length-bucketed loaders pick a width per process; every process must feed the same global shape, so
-    rows are right-padded to the widest process's width (one tiny all-gather per step, multi-host only)."""
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
-    width = int(np.max(multihost_utils.process_allgather(np.int32(local["input_ids"].shape[1]))))
-    pad = width - local["input_ids"].shape[1]
-    if pad == 0:
-        return local
-    fill = {"input_ids": 0, "labels": IGNORE_INDEX, "attention_mask": False}
-    out = dict(local)
-    for key, value in fill.items():
-        out[key] = np.pad(local[key], ((0, 0), (0, pad)), constant_values=value)
-    return out
-
-
-def global_batch(local: dict, sharding) -> dict:
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+def make_data(run: Run, *, split: str = "train", process_index: int, process_count: int):
+    """The batch iterator named by `data.source`: the in-memory toy set, or the Grain pipeline over records."""
+    c, model = run.config, run.model
+    if c.data.source == "toy":
+        seed = c.seed if split == "train" else c.seed + 1000
+        examples = toy_examples(c.data.num_examples, frames=model.num_frames, image_size=model.clip.image_size,
+                                vocab_size=model.llm.vocab_size, seq_len=c.data.seq_len, seed=seed)
+        return BatchIterator(examples, c.batch_size, seed=c.seed, shuffle=c.data.shuffle,
+                             process_index=process_index, process_count=process_count)
+    return make_iterator(c.data, split=split, tokenizer_dir=run.tokenizer_dir, views=run.views,
+                         image_size=model.clip.image_size, num_frames=model.num_frames, global_batch=c.batch_size,
+                         seed=c.seed, process_index=process_index, process_count=process_count)
 
 
 def total_steps(c, num_examples: int) -> int:
@@ -119,76 +80,90 @@ def total_steps(c, num_examples: int) -> int:
     return max(1, int(math.ceil(c.num_epochs * num_examples / c.batch_size)))
 
 
-def check_batch_divisibility(c, mesh) -> None:
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    per_micro = c.batch_size // c.microbatches
-    if per_micro % data_parallel:
-        raise ValueError(f"config field 'batch_size': {c.batch_size} / microbatches {c.microbatches} = {per_micro} rows "
-                         f"per microbatch is not divisible by the data-parallel size {data_parallel} (mesh data x "
-                         f"fsdp); choose batch_size = k * {data_parallel * c.microbatches}")
-    if c.batch_size % jax.process_count():
-        raise ValueError(f"config field 'batch_size': {c.batch_size} is not divisible by {jax.process_count()} processes")
+def data_parallel_size(mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+@dataclasses.dataclass
+class StepBuild:
+    """A stage's model, optimizer, shardings and jitted step, built without allocating any params."""
+    module: Exo2Ego
+    microbatches: int
+    tx: Any
+    schedule: Any
+    layout: state_lib.StateLayout
+    step_fn: Any
+    rules: tuple
+
+
+def build_step(run: Run, mesh, steps: int, *, process_count: int = 1) -> StepBuild:
+    """Everything the jitted train step needs, from the run and the mesh only (shared by `train` and
+    `launch/aot_compile.py`, which compiles it for a pod it does not have)."""
+    c = run.config
+    if c.batch_size % process_count:
+        raise config_lib.ConfigError(f"config field 'batch_size': {c.batch_size} is not divisible by "
+                                     f"{process_count} processes")
+    microbatches = run.microbatches(data_parallel_size(mesh))
+    module = Exo2Ego(run.model)
+    tx, schedule = make_optimizer(c.optim, steps)
+    layout = state_lib.build_layout(module, mesh, run.stage, tx, frozen_layout=c.sharding.frozen)
+    rules = rules_for(mesh)
+    step_fn = jit_train_step(make_train_step(module, run.stage, run.loss, tx, schedule, microbatches=microbatches,
+                                             compute_dtype=jnp.dtype(c.compute_dtype), rules=rules), layout)
+    return StepBuild(module, microbatches, tx, schedule, layout, step_fn, rules)
 
 
 @dataclasses.dataclass
 class Setup:
-    """Everything a stage's step needs, built from a config (shared by `train` and the profiler)."""
+    """A built step plus its data and initial state (shared by `train` and the profiler)."""
+    run: Run
     mesh: Any
-    module: Exo2Ego
-    model_cfg: Any
-    spec: Any
-    loss_cfg: Any
+    build: StepBuild
     data: Any
     steps: int
-    tx: Any
-    schedule: Any
-    layout: Any
     state: dict
     frozen: dict
-    step_fn: Any
     n_trainable: int
     n_frozen: int
 
+    @property
+    def module(self):
+        return self.build.module
 
-def prepare(c) -> Setup:
-    """Validate `c`, build the mesh, model, data, optimizer and the sharded initial state, jit the step."""
-    config_lib.validate(c)
-    devices = jax.devices() if c.mesh.num_devices < 0 else jax.devices()[:c.mesh.num_devices]
-    mesh = create_mesh(tuple(c.mesh.shape), devices)
-    check_batch_divisibility(c, mesh)
-    init_path = resolve_init(c)
-    model_cfg = config_lib.model_config(c)
-    if init_path is not None:
-        model_cfg = state_lib.checkpoint_model_config(init_path, model_cfg)
-    module = Exo2Ego(model_cfg)
-    spec = config_lib.stage_spec(c)
-    loss_cfg = config_lib.loss_config(c)
-    data = make_data(c, model_cfg, process_index=jax.process_index(), process_count=jax.process_count())
+    @property
+    def layout(self):
+        return self.build.layout
+
+    @property
+    def step_fn(self):
+        return self.build.step_fn
+
+
+def prepare(run: Run, mesh=None) -> Setup:
+    """Mesh, data, the built step and the sharded initial state for a resolved run."""
+    c = run.config
+    mesh = mesh if mesh is not None else make_mesh(c)
+    data = make_data(run, process_index=jax.process_index(), process_count=jax.process_count())
     steps = total_steps(c, len(data))
-    tx, schedule = make_optimizer(c.optim, steps)
-    layout = state_lib.build_layout(module, mesh, spec, tx)
-    trainable, frozen = state_lib.init_params(module, mesh, layout, spec, seed=c.seed, frozen_dtype=c.frozen_dtype,
-                                              checkpoint=init_path)
-    n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
-    n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
-    state = state_lib.new_state(trainable, tx, layout, mesh, c.seed)
-    step_fn = jit_train_step(make_train_step(module, spec, loss_cfg, tx, schedule, microbatches=c.microbatches,
-                                             compute_dtype=jnp.dtype(c.compute_dtype)), layout)
-    return Setup(mesh, module, model_cfg, spec, loss_cfg, data, steps, tx, schedule, layout, state, frozen, step_fn,
-                 n_trainable, n_frozen)
+    build = build_step(run, mesh, steps, process_count=jax.process_count())
+    trainable, frozen = state_lib.init_params(run, build.module, mesh, build.layout, seed=c.seed,
+                                              frozen_dtype=c.frozen_dtype)
+    n_trainable, n_frozen = state_lib.param_count(trainable), state_lib.param_count(frozen)
+    state = state_lib.new_state(trainable, build.tx, build.layout, mesh, c.seed)
+    return Setup(run, mesh, build, data, steps, state, frozen, n_trainable, n_frozen)
 
 
 def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
-    config_lib.validate(c)
+    run = config_lib.resolve(c)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(c.to_dict(), f, indent=2, default=str)
-    setup = prepare(c)
-    mesh, module, model_cfg, spec, loss_cfg = setup.mesh, setup.module, setup.model_cfg, setup.spec, setup.loss_cfg
-    data, steps, layout, state, frozen = setup.data, setup.steps, setup.layout, setup.state, setup.frozen
-    n_trainable, n_frozen = setup.n_trainable, setup.n_frozen
+    setup = prepare(run)
+    mesh, build, data, steps = setup.mesh, setup.build, setup.data, setup.steps
+    module, layout, spec = build.module, build.layout, run.stage
+    state, frozen = setup.state, setup.frozen
 
     checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints,
                                      async_save=c.async_checkpointing)
@@ -200,20 +175,22 @@ def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
     start = start or 0
 
     compute_dtype = jnp.dtype(c.compute_dtype)
-    step_fn = setup.step_fn
-    eval_fn = None
+    eval_fn = eval_data = None
     if c.eval_every > 0:
-        eval_data = make_data(c, model_cfg, process_index=jax.process_index(), process_count=jax.process_count(),
-                              split="eval")
-        eval_fn = jit_eval_step(make_eval_step(module, spec, loss_cfg, compute_dtype=compute_dtype), layout)
-    logger = MetricsLogger(workdir, enabled=is_main)
+        eval_data = make_data(run, split="eval", process_index=jax.process_index(),
+                              process_count=jax.process_count())
+        eval_fn = jit_eval_step(make_eval_step(module, spec, run.loss, compute_dtype=compute_dtype,
+                                               rules=build.rules), layout)
+    logger = MetricsLogger(workdir, enabled=is_main, resume_step=start)
     history = []
-    _print(is_main, f"{c.stage}: {n_trainable / 1e6:.2f}M trainable / {n_frozen / 1e6:.2f}M frozen params, mesh "
-                    f"{dict(mesh.shape)}, {steps} steps of {c.batch_size} (x{c.microbatches} microbatches)")
+    _print(is_main, f"{c.stage}: {setup.n_trainable / 1e6:.2f}M trainable / {setup.n_frozen / 1e6:.2f}M frozen "
+                    f"params, mesh {dict(mesh.shape)}, {steps} steps of {c.batch_size} "
+                    f"(x{build.microbatches} microbatches)")
 
     # One executable per batch shape: length-bucketed data gives a few text widths (data.text_buckets).
     executables: dict = {}
     last_good = start if start else None
+    t_last = time.perf_counter()
     bar = tqdm(total=steps, initial=start, desc=c.stage, disable=not (show_progress and is_main), unit="step")
     try:
         for step in range(start + 1, steps + 1):
@@ -223,7 +200,7 @@ def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
             shape_key = tuple(sorted((k, v.shape) for k, v in batch.items()))
             if shape_key not in executables:
                 with jax.set_mesh(mesh):
-                    compiled = step_fn.lower(state, frozen, batch).compile()
+                    compiled = build.step_fn.lower(state, frozen, batch).compile()
                 executables[shape_key] = (compiled, _flops(compiled))
                 mem = compiled.memory_analysis()
                 if mem is not None and is_main:
@@ -246,7 +223,7 @@ def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
                         f"{c.stage} step {step}: loss {values['loss']} / grad norm {values['grad_norm']} is not "
                         f"finite. The last good checkpoint (step {last_good}) in {workdir}/checkpoints is untouched; "
                         "lower optim.learning_rate or check the data, then rerun to resume from it")
-                tokens = c.batch_size * (batch["input_ids"].shape[1] - 1 + model_cfg.num_visual_tokens(spec.fusion))
+                tokens = c.batch_size * (batch["input_ids"].shape[1] - 1 + run.model.num_visual_tokens(spec.fusion))
                 record = dict(values, batch_hash=fingerprint, step_time_s=dt, tokens_per_s=tokens / dt,
                               tflops_per_s=(flops or 0) / dt / 1e12)
                 history.append(dict(step=step, **record))
@@ -269,7 +246,7 @@ def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
         checkpointer.wait()
         export_dir = None
         if c.export.enabled:
-            export_dir = export(c, workdir, module, state["trainable"], frozen)
+            export_dir = export(run, workdir, module, state["trainable"], frozen)
             _print(is_main, f"exported {export_dir}")
         return TrainResult(workdir, steps, history, export_dir)
     finally:
@@ -291,34 +268,28 @@ def evaluate(eval_fn, eval_data, trainable, frozen, layout, mesh, c, compute_dty
     return {f"eval_{k}": v / c.eval_batches for k, v in totals.items() if k != "num_targets"}
 
 
-def export(c, workdir: str, module, trainable, frozen) -> str:
-    """Full params (trainable + frozen) as a load_pretrained checkpoint; LoRA merged when configured."""
+def export(run: Run, workdir: str, module, trainable, frozen) -> str:
+    """Full params (trainable + frozen) as a load_pretrained checkpoint; LoRA merged when configured.
+
+    The exported model config carries the fusion this stage trained with, so evaluation and inference feed
+    the LLM what it was trained on (a fusion-none stage is served without F).
+    """
+    c = run.config
     params = combine_params(trainable, frozen)
-    cfg = module.config
+    cfg = dataclasses.replace(module.config, fusion=run.stage.fusion)
     if cfg.llm.lora is not None and c.export.merge_lora:
         params = dict(params, llm=merge_lora(params["llm"], cfg.llm.lora.scale))
         cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, lora=None))
     target = os.path.join(workdir, EXPORT_DIR)
     if jax.process_index() == 0 and os.path.exists(target):  # a resumed, already-finished run exports again
-        import shutil
         shutil.rmtree(target)
-    path = export_params(target, params, cfg.to_dict(), dtype=c.frozen_dtype, extra=dict(stage=c.stage))
-    _copy_tokenizer(tokenizer_dir(c), path)
-    return path
+    write_checkpoint(target, params, kind="exo2ego", config=cfg.to_dict(), dtype=c.frozen_dtype, stage=c.stage,
+                     view=run.stage.view)
+    copy_tokenizer_files(run.tokenizer_dir, target)
+    return target
 
 
-def _copy_tokenizer(source: str, target: str) -> None:
-    """Exports carry the tokenizer so the next stage, evaluation and inference find it next to the weights."""
-    from exo2ego_jax.convert.engine import TOKENIZER_FILES
-    if jax.process_index() != 0 or not source or not os.path.isdir(source):
-        return
-    import shutil
-    for name in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(source, name)):
-            shutil.copy2(os.path.join(source, name), os.path.join(target, name))
-
-
-def _flops(compiled) -> Optional[float]:
+def _flops(compiled) -> float | None:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import optax
 from flax import traverse_util
 
-from exo2ego_jax.models.lora import path_matcher
+from exo2ego_jax.models.params import path_matcher
 
 
 def learning_rate_schedule(optim, total_steps: int):

@@ -7,21 +7,21 @@ Trainable params are float32 master weights; frozen params are cast once to `fro
 from __future__ import annotations
 
 import dataclasses
-import logging
-from typing import Any, Optional
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from exo2ego_jax.checkpoints import load_pretrained
 from exo2ego_jax.models import registry
-from exo2ego_jax.models.exo2ego import Exo2Ego, Exo2EgoConfig, example_inputs
-from exo2ego_jax.models.lora import path_matcher, split_params
-from exo2ego_jax.sharding import LOGICAL_AXIS_RULES, logical_shardings
-
-log = logging.getLogger(__name__)
+from exo2ego_jax.models.exo2ego import Exo2Ego, Exo2EgoConfig, example_inputs, init_submodule
+from exo2ego_jax.models.params import path_matcher, split_params
+from exo2ego_jax.errors import check_choice
+from exo2ego_jax.sharding import FROZEN_LAYOUTS, logical_shardings, replicate
+from exo2ego_jax.train.config import SECTION_MODULES, Run
 
 
 @dataclasses.dataclass
@@ -35,81 +35,82 @@ class StateLayout:
     replicated: NamedSharding
 
 
-def split_tree(flat_tree: dict, is_trainable) -> tuple[dict, dict]:
-    return split_params(flat_tree, is_trainable)
-
-
 def param_shardings(module: Exo2Ego, mesh) -> dict:
-    """Unboxed tree of NamedShardings from the params' logical axis names."""
-    boxed = registry.abstract_params("exo2ego", module)
-    return logical_shardings(boxed, mesh, LOGICAL_AXIS_RULES)
+    """Unboxed tree of NamedShardings from the params' logical axis names (`sharding.rules_for(mesh)`)."""
+    return logical_shardings(registry.abstract_params("exo2ego", module), mesh)
 
 
-def build_layout(module: Exo2Ego, mesh, spec, tx) -> StateLayout:
-    is_trainable = path_matcher(spec.trainable)
-    shardings = param_shardings(module, mesh)
-    trainable_sh, frozen_sh = split_params(shardings, is_trainable)
+def abstract_trainable_frozen(module: Exo2Ego, spec, frozen_dtype: str) -> tuple[dict, dict]:
+    """ShapeDtypeStructs of (trainable float32, frozen in frozen_dtype), computed without FLOPs."""
     abstract = nn.meta.unbox(registry.abstract_params("exo2ego", module))
-    trainable_abs, _ = split_params(abstract, is_trainable)
-    trainable_abs = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), trainable_abs)
+    trainable, frozen = split_params(abstract, path_matcher(spec.trainable))
+    as_dtype = lambda dtype: (lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)))
+    return jax.tree.map(as_dtype(jnp.float32), trainable), jax.tree.map(as_dtype(frozen_dtype), frozen)
+
+
+def build_layout(module: Exo2Ego, mesh, spec, tx, *, frozen_layout: str = "fsdp") -> StateLayout:
+    """Shardings of the state: trainable params and their optimizer state by the logical rules (FSDP);
+    frozen params the same (`frozen_layout="fsdp"`: gathered where they are used) or whole on every device
+    (`"replicated"`: more memory, no collectives for them)."""
+    is_trainable = path_matcher(spec.trainable)
+    trainable_sh, frozen_sh = split_params(param_shardings(module, mesh), is_trainable)
+    check_choice("sharding.frozen", frozen_layout, FROZEN_LAYOUTS)
+    if frozen_layout == "replicated":
+        frozen_sh = replicate(frozen_sh, mesh)
+    trainable_abs, _ = abstract_trainable_frozen(module, spec, "float32")
     opt_abs = jax.eval_shape(tx.init, trainable_abs)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_abs, trainable_sh,
-                                   transform_non_params=lambda _: replicated)
-    state_sh = dict(step=replicated, trainable=trainable_sh, opt_state=opt_sh, rng=replicated)
+    whole = NamedSharding(mesh, PartitionSpec())
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_abs, trainable_sh, transform_non_params=lambda _: whole)
+    state_sh = dict(step=whole, trainable=trainable_sh, opt_state=opt_sh, rng=whole)
     batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    return StateLayout(trainable_sh, frozen_sh, opt_sh, state_sh, batch, replicated)
+    return StateLayout(trainable_sh, frozen_sh, opt_sh, state_sh, batch, whole)
 
 
-def _cast(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype), tree)
+def runtime_overrides(cfg: Exo2EgoConfig, skip_sections: tuple[str, ...] = ()) -> dict:
+    """Fields of the run's model config that apply on top of a checkpoint's architecture."""
+    sections = dict(
+        clip=dict(dtype=cfg.clip.dtype, scan_layers=cfg.clip.scan_layers, remat_policy=cfg.clip.remat_policy,
+                  attention_impl=cfg.clip.attention_impl),
+        llm=dict(dtype=cfg.llm.dtype, scan_layers=cfg.llm.scan_layers, remat_policy=cfg.llm.remat_policy,
+                 attention_impl=cfg.llm.attention_impl, lora=cfg.llm.lora),
+        stc=dict(dtype=cfg.stc.dtype), mapper=dict(dtype=cfg.mapper.dtype, dropout=cfg.mapper.dropout))
+    out = {k: v for k, v in sections.items() if k not in skip_sections}
+    return dict(out, fusion=cfg.fusion, length_buckets=cfg.length_buckets, num_frames=cfg.num_frames)
 
 
-def init_params(module: Exo2Ego, mesh, layout: StateLayout, spec, *, seed: int, frozen_dtype: str,
-                checkpoint: Optional[str] = None):
-    """(trainable float32, frozen in frozen_dtype), created directly in their shardings."""
+def init_params(run: Run, module: Exo2Ego, mesh, layout: StateLayout, *, seed: int, frozen_dtype: str):
+    """(trainable float32, frozen in frozen_dtype), created directly in their shardings.
+
+    From `run.init_path` when set (modules named in `init.reinit` get a fresh seeded init), else a seeded
+    random init of the whole composite.
+    """
+    spec = run.stage
     is_trainable = path_matcher(spec.trainable)
     out_sh = (layout.trainable, layout.frozen)
 
     def split_cast(params):
         trainable, frozen = split_params(params, is_trainable)
-        return _cast(trainable, jnp.float32), _cast(frozen, jnp.dtype(frozen_dtype))
+        return (jax.tree.map(lambda x: x.astype(jnp.float32), trainable),
+                jax.tree.map(lambda x: x.astype(jnp.dtype(frozen_dtype)), frozen))
 
-    if checkpoint is None:
-        cfg = module.config
-
+    if run.init_path is None:
         def init(key):
-            params = module.init(key, *example_inputs(cfg), method="init_all")["params"]
+            params = module.init(key, *example_inputs(module.config), method="init_all")["params"]
             return split_cast(nn.meta.unbox(params))
 
         with jax.set_mesh(mesh):
             return jax.jit(init, out_shardings=out_sh)(jax.random.key(seed))
-    from exo2ego_jax.checkpoints import load_pretrained
-    overrides = runtime_overrides(module.config)
-    _, params = load_pretrained(checkpoint, mesh=mesh, lora_seed=seed, **overrides)
+
+    reinit = tuple(run.config.init.reinit)
+    kept_sections = tuple(s for s, mods in SECTION_MODULES.items() if set(mods) <= set(reinit))
+    _, params = load_pretrained(run.init_path, mesh=mesh, lora_seed=seed,
+                                **runtime_overrides(module.config, skip_sections=kept_sections))
+    params = dict(params)
+    key = jax.random.key(seed + 7919)  # a stream of its own, so a reinit never repeats another init
+    for i, name in enumerate(reinit):
+        params[name] = nn.meta.unbox(init_submodule(module.config, name, jax.random.fold_in(key, i)))
     with jax.set_mesh(mesh):
         return jax.jit(split_cast, out_shardings=out_sh)(params)
-
-
-def runtime_overrides(cfg: Exo2EgoConfig) -> dict:
-    """Fields of the training config that apply on top of a checkpoint's architecture."""
-    return dict(
-        clip=dict(dtype=cfg.clip.dtype, scan_layers=cfg.clip.scan_layers, remat_policy=cfg.clip.remat_policy,
-                  attention_impl=cfg.clip.attention_impl),
-        llm=dict(dtype=cfg.llm.dtype, scan_layers=cfg.llm.scan_layers, remat_policy=cfg.llm.remat_policy,
-                 attention_impl=cfg.llm.attention_impl, lora=cfg.llm.lora),
-        stc=dict(dtype=cfg.stc.dtype), mapper=dict(dtype=cfg.mapper.dtype),
-        fusion=cfg.fusion, length_buckets=cfg.length_buckets)
-
-
-def checkpoint_model_config(path: str, cfg: Exo2EgoConfig) -> Exo2EgoConfig:
-    """The checkpoint's architecture with this run's runtime fields (dtype, scan, remat, LoRA, fusion)."""
-    from exo2ego_jax.checkpoints import read_model_config
-    meta = read_model_config(path)
-    if meta["kind"] != "exo2ego":
-        raise ValueError(f"init checkpoint {path!r} holds a {meta['kind']!r} model; stages start from an exo2ego "
-                         "checkpoint (python -m exo2ego_jax.convert videollama2 ...) or a previous stage's export")
-    return registry.config_from_dict("exo2ego", meta["config"], **runtime_overrides(cfg))
 
 
 def new_state(trainable, tx, layout: StateLayout, mesh, seed: int):
@@ -121,5 +122,10 @@ def new_state(trainable, tx, layout: StateLayout, mesh, seed: int):
 
 
 def abstract_state(state_like, layout: StateLayout):
-    """ShapeDtypeStructs carrying the target shardings (for Orbax restores)."""
+    """ShapeDtypeStructs carrying the target shardings (for Orbax restores and ahead-of-time compiles)."""
     return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state_like, layout.state)
+
+
+def param_count(tree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
+

@@ -6,17 +6,17 @@ slices (row i goes to microbatch i % M, so every device contributes equally to e
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from exo2ego_jax.losses import LossConfig
-from exo2ego_jax.models.lora import combine_params
-from exo2ego_jax.stages import StageSpec, stage_loss
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "ego_pixels", "exo_pixels")
+from exo2ego_jax.models.params import combine_params
+from exo2ego_jax.train.batches import MODEL_INPUTS
+from exo2ego_jax.train.stages import StageSpec, stage_loss
 
 
 def _split_microbatches(batch: dict, m: int) -> dict:
@@ -27,13 +27,17 @@ def _split_microbatches(batch: dict, m: int) -> dict:
 
 
 def make_train_step(module, spec: StageSpec, loss_cfg: LossConfig, tx, schedule, *, microbatches: int,
-                    compute_dtype) -> Callable:
-    """step(state, frozen, batch) -> (state, metrics); metrics are scalars (means over microbatches)."""
+                    compute_dtype, rules=()) -> Callable:
+    """step(state, frozen, batch) -> (state, metrics); metrics are scalars (means over microbatches).
+
+    `rules` (logical -> mesh axes, `sharding.rules_for(mesh)`) pin the activations' layout while tracing.
+    """
     compute_dtype = jnp.dtype(compute_dtype)
 
     def loss_fn(trainable, frozen, batch, rng):
         params = combine_params(jax.tree.map(lambda p: p.astype(compute_dtype), trainable), frozen)
-        return stage_loss(module, params, batch, spec, loss_cfg, rng=rng, deterministic=False)
+        with nn.logical_axis_rules(rules):
+            return stage_loss(module, params, batch, spec, loss_cfg, rng=rng, deterministic=False)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -70,13 +74,14 @@ def make_train_step(module, spec: StageSpec, loss_cfg: LossConfig, tx, schedule,
     return step
 
 
-def make_eval_step(module, spec: StageSpec, loss_cfg: LossConfig, *, compute_dtype) -> Callable:
+def make_eval_step(module, spec: StageSpec, loss_cfg: LossConfig, *, compute_dtype, rules=()) -> Callable:
     compute_dtype = jnp.dtype(compute_dtype)
 
     def eval_step(trainable, frozen, batch):
         batch = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         params = combine_params(jax.tree.map(lambda p: p.astype(compute_dtype), trainable), frozen)
-        return stage_loss(module, params, batch, spec, loss_cfg, deterministic=True)[1]
+        with nn.logical_axis_rules(rules):
+            return stage_loss(module, params, batch, spec, loss_cfg, deterministic=True)[1]
 
     return eval_step
 

@@ -1,7 +1,8 @@
 """The training stages of Exo2Ego: what each trains, what it feeds the LLM, and its loss.
 
   init    VideoLLaMA2-style connector initialisation: clip-text VTG, connector only.
-  stage1  Demonstrator self-preparation: exo clip-text VTG; exo encoder + connector (LLM frozen).
+  stage1  Demonstrator self-preparation: exo clip-text VTG; the exo encoder (LLM and connector frozen;
+          `train_connector=True` trains the connector too).
   stage2  Demonstrator-learner guidance: cycle L1 (both directions) + KL(y || F(x)) + VTG on synchronized
           ego-exo clips; ego encoder, F and G (exo encoder and LLM frozen).
   stage3  Learner self-practice: EgoIT instruction tuning on x together with F(x); LoRA + ego encoder + F
@@ -14,14 +15,13 @@ XLA never computes frozen weight gradients.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import jax
 
+from exo2ego_jax.errors import check_choice
 from exo2ego_jax.losses import LossConfig, feature_kl, l1, vtg_loss
 from exo2ego_jax.models.exo2ego import guidance_forward
-from exo2ego_jax.models.layers import check_choice
-from exo2ego_jax.models.lora import path_matcher
+from exo2ego_jax.models.params import path_matcher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,9 +33,10 @@ class StageSpec:
     guidance: bool = False       # stage 2's cycle + KL terms (needs exo_pixels)
 
 
+# The one table of what each stage trains (configs/stageN.py reference it; `trainable` overrides it).
 STAGES: dict[str, StageSpec] = {
     "init": StageSpec("init", (r"connector/.*",), view="ego", fusion="none"),
-    "stage1": StageSpec("stage1", (r"exo_encoder/.*", r"connector/.*"), view="exo", fusion="none"),
+    "stage1": StageSpec("stage1", (r"exo_encoder/.*",), view="exo", fusion="none"),
     "stage2": StageSpec("stage2", (r"ego_encoder/.*", r"mapper_f/.*", r"mapper_g/.*"), view="ego", fusion="tokens",
                         guidance=True),
     "stage3": StageSpec("stage3", (r"llm/.*/lora_[ab]", r"ego_encoder/.*", r"mapper_f/.*", r"connector/.*"),
@@ -43,14 +44,16 @@ STAGES: dict[str, StageSpec] = {
 }
 
 
-def get_stage(name: str, *, trainable: Optional[tuple[str, ...]] = None, fusion: Optional[str] = None,
-              loss: Optional[LossConfig] = None, lora: bool = True) -> StageSpec:
-    """The stage spec, with config overrides; drops G from stage 2's set when the cycle loss is off, and the
-    adapters when LoRA is off (the "w/o LoRA" ablation: the LLM stays frozen)."""
+def get_stage(name: str, *, trainable: tuple[str, ...] | None = None, fusion: str | None = None,
+              loss: LossConfig | None = None, lora: bool = True, train_connector: bool = False) -> StageSpec:
+    """The stage spec, with config overrides; adds the connector when `train_connector`; drops G from stage 2's
+    set when the cycle loss is off, and the adapters when LoRA is off (the "w/o LoRA" ablation)."""
     check_choice("stage", name, STAGES)
     spec = STAGES[name]
     if trainable is not None:
         spec = dataclasses.replace(spec, trainable=tuple(trainable))
+    if train_connector and r"connector/.*" not in spec.trainable:
+        spec = dataclasses.replace(spec, trainable=spec.trainable + (r"connector/.*",))
     if fusion is not None:
         spec = dataclasses.replace(spec, fusion=fusion)
     if not lora:

@@ -1,20 +1,36 @@
 """Log-likelihood option scoring: the option whose tokens have the lowest mean loss after the prompt wins.
 
-Every (question, option) pair is one right-padded row `prompt + option`, with the prompt's labels ignored;
-rows are scored in fixed-size chunks by one jitted function (VideoLLaMA2's EgoPlan-style protocol).
+Every (question, option) pair is one right-padded row `prompt + option`, tokenised exactly as training
+tokenises "[INST] question [/INST] option </s>", with the prompt's labels ignored; rows are scored in
+fixed-size chunks by one jitted function (VideoLLaMA2's EgoPlan-style protocol).
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 
+from exo2ego_jax.constants import IGNORE_INDEX, VIDEO_TOKEN
+from exo2ego_jax.data import template
 from exo2ego_jax.losses import vtg_loss
 from exo2ego_jax.models.exo2ego import Exo2Ego
 
-IGNORE_INDEX = -100
+
+def option_rows(tokenizer, question: str, options: Sequence[str], *, system: str | None = template.SYSTEM_PROMPT
+                ) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, [option ids]) exactly as training tokenises "[INST] q [/INST] option </s>"."""
+    prompt = template.prompt_ids(tokenizer, question, system=system)
+    out = []
+    for option in options:
+        tok = template.tokenize_conversation(tokenizer, [{"from": "human", "value": f"{VIDEO_TOKEN}\n{question}"},
+                                                         {"from": "gpt", "value": option}], system=system)
+        ids = tok.input_ids.tolist()
+        if ids[:len(prompt)] != prompt:
+            raise ValueError(f"the prompt tokenises differently with the answer appended: {question!r}")
+        out.append(ids[len(prompt):])
+    return prompt, out
 
 
 def build_option_rows(prompts: Sequence[Sequence[int]], options: Sequence[Sequence[Sequence[int]]], *,
@@ -52,7 +68,7 @@ def _row_losses(module, params, ids, mask, labels, pixels, fusion):
     return jax.vmap(lambda lg, lb: vtg_loss(lg[None], lb[None])[0])(logits, labels)
 
 
-def option_losses(module, params, prompts, options, *, pixels=None, fusion: Optional[str] = None,
+def option_losses(module, params, prompts, options, *, pixels=None, fusion: str | None = None,
                   pad_id: int = 0, chunk: int = 16) -> list[np.ndarray]:
     """Per question, the mean token loss of each option (lower = more likely).
 
@@ -61,17 +77,10 @@ def option_losses(module, params, prompts, options, *, pixels=None, fusion: Opti
     ids, mask, labels, owners = build_option_rows(prompts, options, pad_id=pad_id)
     losses = []
     for start in range(0, len(ids), chunk):
-        sl = slice(start, start + chunk)
-        n = len(ids[sl])
-        pad = chunk - n  # fixed chunk shape: one compilation for all chunks
-        take = lambda a: np.concatenate([a[sl], np.repeat(a[sl][-1:], pad, axis=0)]) if pad else a[sl]
-        px = None if pixels is None else np.asarray(pixels)[take(owners)]
-        out = _row_losses(module, params, take(ids), take(mask), take(labels), px, fusion)
+        rows = np.minimum(np.arange(start, start + chunk), len(ids) - 1)  # a short last chunk repeats its last row,
+        n = min(chunk, len(ids) - start)                                 # so every chunk has one compiled shape
+        px = None if pixels is None else np.asarray(pixels)[owners[rows]]
+        out = _row_losses(module, params, ids[rows], mask[rows], labels[rows], px, fusion)
         losses.append(np.asarray(out)[:n])
     flat = np.concatenate(losses)
     return [flat[owners == q] for q in range(len(prompts))]
-
-
-def choose_by_likelihood(module, params, prompts, options, **kwargs) -> list[int]:
-    """Index of the lowest-loss option per question."""
-    return [int(np.argmin(l)) for l in option_losses(module, params, prompts, options, **kwargs)]

@@ -1,28 +1,27 @@
-"""A tiny deterministic in-memory clip-text dataset and a resumable batch iterator over any example list.
+"""The `toy` data source: a tiny deterministic in-memory clip-text set, and a resumable batch iterator.
 
-Stand-in source for the `tiny` presets and the tests: each example shows one of K colour patterns in both
-views (the exo view a shifted, fixed-camera version of the ego view); its text asks about the clip and the
+Stand-in source for the `tiny` presets and the tests (not the rendered synthetic ego-exo dataset of
+`exo2ego_jax.data.synthetic`, which goes through the real record builders): each example shows one of K colour
+patterns in both views (the exo view a shifted, fixed-camera version of the ego view); its text asks about the clip and the
 answer token depends on the pattern, so the VTG loss can fall. The iterator defines the contract every
 loader of this project follows: `next()` gives this process's rows of the next global batch as numpy,
 `get_state()` / `set_state()` make it resume exactly (the order is a function of (seed, epoch) only).
 """
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
-VIDEO_TOKEN_INDEX = -201
-IGNORE_INDEX = -100
+from exo2ego_jax.constants import IGNORE_INDEX, VIDEO_TOKEN_INDEX
+from exo2ego_jax.errors import ConfigError
 
 
-def synthetic_examples(num_examples: int, *, frames: int, image_size: int, vocab_size: int, seq_len: int,
+def toy_examples(num_examples: int, *, frames: int, image_size: int, vocab_size: int, seq_len: int,
                        seed: int = 0, num_patterns: int = 4) -> list[dict]:
     """Deterministic examples: uint8 frames of both views plus a tokenised prompt/answer with labels."""
     rng = np.random.default_rng(seed)
     palette = rng.integers(0, 256, size=(num_patterns, 3))
     if vocab_size < num_patterns + 8:
-        raise ValueError(f"vocab_size {vocab_size} is too small for {num_patterns} answer tokens")
+        raise ConfigError(f"vocab_size {vocab_size} is too small for {num_patterns} answer tokens")
     examples = []
     for i in range(num_examples):
         k = int(rng.integers(num_patterns))
@@ -55,9 +54,9 @@ class BatchIterator:
     def __init__(self, examples: list, global_batch: int, *, seed: int = 0, shuffle: bool = True,
                  process_index: int = 0, process_count: int = 1, drop_remainder: bool = True):
         if global_batch % process_count:
-            raise ValueError(f"global batch {global_batch} is not divisible by the {process_count} processes")
+            raise ConfigError(f"global batch {global_batch} is not divisible by the {process_count} processes")
         if not examples:
-            raise ValueError("the dataset is empty")
+            raise ConfigError("config field 'data.num_examples': the toy dataset is empty; set it > 0")
         self.examples = examples
         self.global_batch = global_batch
         self.local_batch = global_batch // process_count
@@ -100,13 +99,6 @@ class BatchIterator:
 
     def set_state(self, state: dict) -> None:
         if state.get("global_batch", self.global_batch) != self.global_batch:
-            raise ValueError(f"checkpointed iterator used global batch {state['global_batch']}, this run "
+            raise ConfigError(f"checkpointed iterator used global batch {state['global_batch']}, this run "
                              f"uses {self.global_batch}: resume with the same batch_size")
         self._position = int(state["position"])
-
-
-def batch_fingerprint(batch: dict) -> str:
-    """A short hash of which examples (global rows) a batch holds, logged to check resume exactness."""
-    rows = batch.get("_global_rows")
-    data = rows.tobytes() if rows is not None else np.asarray(batch["input_ids"]).tobytes()
-    return hashlib.sha1(data).hexdigest()[:12]

@@ -1,4 +1,4 @@
-"""Ask a checkpoint about a video: `answer_question(model, video, question)` (and `launch/infer.py`).
+"""Serving a checkpoint: `load_model(dir)`, `answer_question(model, video, question)` (and `launch/infer.py`).
 
 `load_model(checkpoint)` gives the module, params and the tokenizer stored next to them (converters and
 stage exports copy the tokenizer files). Clips go through the training pipeline's steps: VideoLLaMA2's
@@ -8,14 +8,17 @@ with the system prompt and `<video>` at the head of the question; decoding is gr
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
+import jax
 import numpy as np
 
+from exo2ego_jax.checkpoints import load_pretrained
 from exo2ego_jax.data import template
 from exo2ego_jax.data.preprocess import clip_frames, normalize
+from exo2ego_jax.data.tokenizer import load_tokenizer
 from exo2ego_jax.data.video import read_clip, read_frames_at
+from exo2ego_jax.serve.generate import generate
 
 
 @dataclasses.dataclass
@@ -39,17 +42,12 @@ class LoadedModel:
 
 
 def load_model(checkpoint: str, *, dtype=None) -> LoadedModel:
-    import exo2ego_jax
-    from exo2ego_jax.data.tokenizer import load_tokenizer
-    if not os.path.isdir(checkpoint):
-        raise FileNotFoundError(f"checkpoint folder {checkpoint!r} does not exist; pass a converted checkpoint or a "
-                                "stage workdir's export/ folder")
-    module, params = exo2ego_jax.load_pretrained(checkpoint, dtype=dtype)
+    module, params = load_pretrained(checkpoint, dtype=dtype)
     return LoadedModel(module, params, load_tokenizer(checkpoint), checkpoint)
 
 
-def clip_pixels(video: str, num_frames: int, image_size: int, *, start: Optional[float] = None,
-                end: Optional[float] = None, frame_indices: Optional[Sequence[int]] = None, aspect: str = "crop",
+def clip_pixels(video: str, num_frames: int, image_size: int, *, start: float | None = None,
+                end: float | None = None, frame_indices: Sequence[int] | None = None, aspect: str = "crop",
                 dtype=np.float32) -> np.ndarray:
     """Normalised pixels [T, S, S, 3] for a clip: a video file and window, or explicit frame indices."""
     if frame_indices is not None:
@@ -59,8 +57,8 @@ def clip_pixels(video: str, num_frames: int, image_size: int, *, start: Optional
     return normalize(clip_frames(frames, image_size, aspect), dtype)
 
 
-def answer_question(model: LoadedModel, video: str, question: str, *, start: Optional[float] = None,
-                    end: Optional[float] = None, max_new_tokens: int = 128, temperature: float = 0.0,
+def answer_question(model: LoadedModel, video: str, question: str, *, start: float | None = None,
+                    end: float | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
                     top_p: float = 1.0, seed: int = 0, aspect: str = "crop") -> str:
     """The model's answer to `question` about `video` (optionally the window [start, end] s)."""
     return generate_answers(model, [clip_pixels(video, model.num_frames, model.image_size, start=start, end=end,
@@ -70,10 +68,8 @@ def answer_question(model: LoadedModel, video: str, question: str, *, start: Opt
 
 def generate_answers(model: LoadedModel, pixels: Sequence[np.ndarray], prompts: Sequence[str], *,
                      max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                     system: Optional[str] = template.SYSTEM_PROMPT) -> list[str]:
+                     system: str | None = template.SYSTEM_PROMPT) -> list[str]:
     """Batched answers: one chat-template prompt and one clip per row, decoded in one jitted loop."""
-    import jax
-    from exo2ego_jax.generate import generate
     tok = model.tokenizer
     rows = [template.prompt_ids(tok, p, system=system) for p in prompts]
     width = max(len(r) for r in rows)
@@ -87,18 +83,3 @@ def generate_answers(model: LoadedModel, pixels: Sequence[np.ndarray], prompts: 
                                rng=jax.random.key(seed))
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     return [tok.decode(t[:n].tolist(), skip_special_tokens=True).strip() for t, n in zip(tokens, lengths)]
-
-
-def option_rows(tokenizer, question: str, options: Sequence[str], *, system: Optional[str] = template.SYSTEM_PROMPT
-                ) -> tuple[list[int], list[list[int]]]:
-    """(prompt ids, [option ids]) exactly as training tokenises "[INST] q [/INST] option </s>"."""
-    prompt = template.prompt_ids(tokenizer, question, system=system)
-    out = []
-    for option in options:
-        tok = template.tokenize_conversation(tokenizer, [{"from": "human", "value": f"<video>\n{question}"},
-                                                         {"from": "gpt", "value": option}], system=system)
-        ids = tok.input_ids.tolist()
-        if ids[:len(prompt)] != prompt:
-            raise ValueError(f"the prompt tokenises differently with the answer appended: {question!r}")
-        out.append(ids[len(prompt):])
-    return prompt, out

@@ -1,4 +1,5 @@
-"""PyTorch reference builders (need torch, timm and transformers: the `test` extra).
+"""PyTorch reference builders for the parity tests and the quickstart notebook (need torch, timm and
+transformers: the `test` extra).
 
 `torch_stc` assembles VideoLLaMA2's STC connector from timm 1.0.3 RegStage exactly as its projector.py does;
 `write_tiny_videollama2` writes a tiny random checkpoint in VideoLLaMA2's layout (CLIP tower + STC + Mistral
@@ -9,6 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+
+from tests.helpers import TINY_CLIP, TINY_MISTRAL
+
+FRAMES = 4  # frames per clip of the tiny VideoLLaMA2 checkpoint
 
 
 def torch_stc(enc, hid, depth, padding):
@@ -76,3 +81,8 @@ def write_tiny_videollama2(path: str, clip_config: dict, mistral_config: dict, *
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, default=str)
     return clip, stc, llm
+
+
+def build_videollama2(path, with_projector=True):
+    """A tiny VideoLLaMA2-shaped checkpoint: CLIP tower + STC (timm) + Mistral, under VideoLLaMA2's key names."""
+    return write_tiny_videollama2(path, TINY_CLIP, TINY_MISTRAL, num_frames=FRAMES, with_projector=with_projector)

@@ -7,12 +7,11 @@ spliced visual tokens for the Exo2Ego model, and no host round trip per token. P
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from exo2ego_jax.models.exo2ego import Exo2Ego
+from exo2ego_jax.models.exo2ego import Exo2Ego, splice_visual
 from exo2ego_jax.models.mistral import MistralForCausalLM, init_cache
 
 
@@ -35,7 +34,6 @@ def _prefill_inputs(module, params, input_ids, attention_mask, pixels, fusion):
     """(llm module, llm params, prompt embeddings [B, L, D], prompt mask [B, L])."""
     if isinstance(module, Exo2Ego):
         def splice(m, ids, mask, px):
-            from exo2ego_jax.models.exo2ego import splice_visual
             visual = m.visual_tokens(px, fusion=fusion)
             safe = jnp.where(ids == m.config.video_token_index, 0, ids)
             embeds, spliced_mask, _ = splice_visual(m.llm.embed(safe), ids, visual, mask, None,
@@ -51,8 +49,8 @@ def _prefill_inputs(module, params, input_ids, attention_mask, pixels, fusion):
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "eos_token_id", "pad_token_id",
                                              "temperature", "top_p", "fusion"))
 def generate(module, params, input_ids, attention_mask=None, pixels=None, *, max_new_tokens: int,
-             eos_token_id: Optional[int] = 2, pad_token_id: int = 0, temperature: float = 0.0, top_p: float = 1.0,
-             rng=None, fusion: Optional[str] = None):
+             eos_token_id: int | None = 2, pad_token_id: int = 0, temperature: float = 0.0, top_p: float = 1.0,
+             rng=None, fusion: str | None = None):
     """-> (tokens [B, max_new_tokens] int32, padded with `pad_token_id` after EOS; lengths [B] incl. EOS).
 
     module: a `MistralForCausalLM` or an `Exo2Ego` (then `pixels` [B, T, H, W, 3] fill the placeholder).

@@ -1,11 +1,11 @@
-"""Evaluation prompts as VideoLLaMA2's evaluation scripts write them, with the paper's optional first-person cue."""
+"""Question prompts as VideoLLaMA2's evaluation scripts write them (multiple choice with letters), shared by the
+instruction data we generate and by evaluation, with an optional first-person cue."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from exo2ego_jax.data.template import FIRST_PERSON_CUE
-
-LETTERS = "ABCDEFGHIJ"
+FIRST_PERSON_CUE = "This video is recorded from a first-person perspective."
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly and only give the best option."
 
 
