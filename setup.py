@@ -55,6 +55,11 @@ EXTRAS = {
         "rouge-score",              # ROUGE-L reference for the QAEgo4D-open metric
         "nbclient", "nbformat", "ipykernel",  # the notebooks run in the test suite
     ],
+    # XLA's CUDA compiler (ptxas, cuDNN, the CUDA plugin) matching the pinned jax: compiles for H100/H200
+    # topologies on a machine without a GPU (launch/aot_compile.py), with JAX_PLATFORMS=cpu.
+    "aot": [f"jax[cuda12]==0.10.2; {PY311}", f"jax[cuda12]>=0.11.2,<0.12; {PY312}"],
+    # A GPU host: the same wheels bring the CUDA runtime, cuDNN and NCCL the training steps run on.
+    "gpu": [f"jax[cuda12]==0.10.2; {PY311}", f"jax[cuda12]>=0.11.2,<0.12; {PY312}"],
     # XProf/TensorBoard profile plugin drags in many cloud dependencies: opt-in only.
     "profile": ["xprof>=2.24", "tensorboard"],
 }

@@ -54,7 +54,7 @@ def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
                                             targets=("q", "k", "v", "o", "gate", "up", "down")))
     c.loss = ml_collections.ConfigDict(dict(vtg_weight=1.0, cycle_weight=1.0, kl_weight=1.0, cycle="both",
                                             use_kl=True, kl_temperature=1.0, kl_direction="exo_to_mapped",
-                                            kl_reduction="batchmean", detach_cycle_targets=True))
+                                            kl_reduction="batchmean", kl_mode="tokens", detach_cycle_targets=False))
     # Trainable params: regexes over '/'-joined param paths; each stage file shows its table from
     # exo2ego_jax/train/stages.py (empty = that default). Everything else is frozen, kept in frozen_dtype,
     # gets no optimizer state and, through stop_gradient, no weight gradient.
@@ -77,8 +77,10 @@ def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
 
     # Frozen params on every device whole ("replicated": no collectives for them, more memory) or sharded like
     # the trainable ones ("fsdp": gathered where used, once per microbatch). Trainable params and their
-    # optimizer state are always sharded (exo2ego_jax/sharding.py).
-    c.sharding = ml_collections.ConfigDict(dict(frozen="fsdp"))
+    # optimizer state are always sharded (exo2ego_jax/sharding.py). 7b: replicated; the frozen bf16 Mistral-7B
+    # (13.5 GiB per GPU) saves the per-microbatch gathers (stage 3 on 8 H100s: 51 instead of
+    # 249 GB of collectives per step, launch/BENCHMARKS.md).
+    c.sharding = ml_collections.ConfigDict(dict(frozen="replicated" if preset == "7b" else "fsdp"))
 
     # Mesh ('data', 'fsdp', 'tensor'); -1 fills with the remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1) if preset == "7b" else (-1, 1, 1),
@@ -101,7 +103,7 @@ def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     # batches are padded to the smallest of text_buckets that fits. The tokenizer defaults to init.checkpoint's.
     c.data = ml_collections.ConfigDict(dict(source="toy", root="", split="train", num_examples=16,
                                             seq_len=16, worker_count=0, shuffle=True, eval_split="",
-                                            tokenizer="", aspect="crop", text_buckets=()))
+                                            tokenizer="", aspect="crop", text_buckets=(), swap_views=False))
     if preset == "7b":  # records built by exo2ego_jax.data.build; the tokenizer of the converted checkpoint
         c.data.update(dict(root="/data/records", tokenizer="/ckpt/jax/videollama2-7b-16f", seq_len=2048,
                            text_buckets=(256, 512, 1024, 2048), worker_count=8, eval_split="val"))
@@ -116,4 +118,7 @@ def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.async_checkpointing = True
     c.export = ml_collections.ConfigDict(dict(enabled=True, merge_lora=True))
     c.hold_after_step = -1    # test hook: after this step's checkpoint is written, wait to be killed
+    # A relaunch whose config differs from the one recorded in the workdir (other than steps, logging,
+    # evaluation and checkpoint cadence, the mesh and microbatching) is refused unless this is True.
+    c.force_new_config = False
     return c

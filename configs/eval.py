@@ -1,5 +1,5 @@
 """Zero-shot evaluation: python launch/evaluate.py --config configs/eval.py:<benchmark|all|paper> --checkpoint DIR
---data_root DIR [--out DIR] [--config.first_person=True] [--config.mode=loglik] [--config.max_items=100]
+--data_root DIR [--out DIR] [--fusion none] [--config.prompt=base] [--config.mode=loglik] [--config.max_items=100]
 
 `all`/`paper`: the paper's eight benchmarks (ten Avg sub-metrics plus QAEgo4D-open and nDCG). `--data_root` holds one
 folder per benchmark (egoschema/, qaego4d/, egotaskqa/, charades_ego/, ek100_mir/, egoplan/, vln_qa/, egomcq/),
@@ -18,7 +18,9 @@ def get_config(benchmark: str = "all"):
         c.benchmarks = tuple(benchmark.split(","))
     c.mode = ""              # '' = each benchmark's default (generate for MCQs, loglik for EgoPlan)
     c.fallback = "c"         # unparsable letter -> option C (VideoLLaMA2's scripts); 'wrong' counts it wrong
-    c.first_person = False   # the paper's "first-person perspective" cue in front of every prompt
+    # Table 10's rows: base | first_person | task | task_first_person (the paper's best; the texts are ours,
+    # exo2ego_jax/data/prompts.py)
+    c.prompt = "task_first_person"
     c.max_new_tokens = 16
     c.open_max_new_tokens = 64
     c.batch_size = 8
@@ -29,4 +31,6 @@ def get_config(benchmark: str = "all"):
     c.egoschema_subset_only = True   # False: every question (accuracy on the subset; submission file for all)
     c.ek100_max_sentences = 0        # > 0: a sentence subset (the full 9668 x 3842 loglik matrix is very large)
     c.judge = ""             # 'module:function' (question, answer, prediction) -> {'pred', 'score'} for QAEgo4D open
+    c.mcq_file = "mcq_val.json"      # mcq_json: the item file under the data root
+    c.mcq_video_key = "video"        # mcq_json: the item field naming the clip ("exo_video": the exo camera)
     return c

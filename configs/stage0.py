@@ -20,7 +20,7 @@ def get_config(preset: str = "tiny"):
     c.num_epochs = 5.0
     if preset == "7b":
         c.batch_size = 512
-        c.microbatches = 64
+        c.per_device_batch = 4
         c.init.checkpoint = "/ckpt/jax/videollama2-7b-16f"  # a converted VideoLLaMA2 checkpoint
     if preset == "demo":
         # The demo has no pretrained VideoLLaMA2 to start from: its init stage also trains the tiny LLM on the

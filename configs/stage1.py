@@ -21,7 +21,7 @@ def get_config(preset: str = "tiny"):
     c.num_epochs = 2.0
     if preset == "7b":
         c.batch_size = 256
-        c.microbatches = 32
+        c.per_device_batch = 4
         c.init.from_workdir = "/workdirs/stage0"
     if preset != "tiny":  # records from exo2ego_jax.data.build (demo: the synthetic ego-exo set)
         c.data.source = "ego_exo_clip"

@@ -9,7 +9,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import base
 
-from exo2ego_jax.train.stages import STAGES
+from exo2ego_jax.train.stages import DEMO_STAGE3_EXTRA, STAGES
 
 
 def get_config(preset: str = "tiny"):
@@ -22,8 +22,10 @@ def get_config(preset: str = "tiny"):
     c.num_epochs = 1.0
     if preset == "7b":
         c.batch_size = 64
-        c.microbatches = 32
+        c.per_device_batch = 1
         c.init.from_workdir = "/workdirs/stage2"
+    if preset == "demo":  # see DEMO_STAGE3_EXTRA: the demo LLM was never instruction-tuned
+        c.trainable = STAGES["stage3"].trainable + DEMO_STAGE3_EXTRA
     if preset != "tiny":  # records from exo2ego_jax.data.build (demo: the synthetic ego-exo set)
         c.data.source = "ego_it"
     return c

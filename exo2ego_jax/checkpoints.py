@@ -19,7 +19,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec
 
 from exo2ego_jax.errors import CheckpointError
 from exo2ego_jax.models import registry
@@ -124,18 +126,23 @@ def load_pretrained(path: str, *, dtype: Any | None = None, mesh: jax.sharding.M
 
     stored_flat = registry.flat_shapes(stored_abstract)
     target_flat = registry.flat_shapes(target_abstract)
+    params_dir = os.path.join(path, PARAMS_DIR)
+    _check_stored_shapes(params_dir, stored_flat)
     # Layer stacking (scan) differs when the non-adapter param paths differ.
     same_layout = ({p for p in stored_flat if not is_lora_path(p)} == {p for p in target_flat if not is_lora_path(p)})
     sharding_flat = traverse_util.flatten_dict(shardings, sep="/") if shardings is not None else {}
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if sharding_flat and not same_layout:  # restore each stored array already spread like its target
+        read_sharding = _relayout_shardings(sharding_flat, stored_flat, to_scan=config.scan_layers)
+    else:
+        read_sharding = sharding_flat
 
     def restore_spec(p, s):
         want_dtype = store_dtype or _stored_dtype(meta, s.dtype)
-        sharding = sharding_flat.get(p, default) if same_layout else default
-        return jax.ShapeDtypeStruct(s.shape, want_dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(s.shape, want_dtype, sharding=read_sharding.get(p, default))
 
     abstract = traverse_util.unflatten_dict({p: restore_spec(p, s) for p, s in stored_flat.items()}, sep="/")
-    params = _load_tree(os.path.join(path, PARAMS_DIR), abstract)
+    params = _load_tree(params_dir, abstract)
     flat = traverse_util.flatten_dict(params, sep="/")
     if not same_layout:
         flat = _relayout(flat, to_scan=config.scan_layers)
@@ -175,12 +182,77 @@ def _shardings(boxed_abstract, mesh, rules):
     return logical_shardings(boxed_abstract, mesh, rules)
 
 
-def _load_tree(params_dir: str, abstract):
+def stored_metadata(params_dir: str) -> dict:
+    """'/'-path -> Orbax array metadata (shape, dtype) of the params on disk, without reading any array."""
     import orbax.checkpoint.experimental.v1 as ocp
     if not os.path.isdir(params_dir):
         raise CheckpointError(f"{params_dir} is missing: the checkpoint was not written completely")
+    metadata = getattr(ocp, "metadata", None) or ocp.pytree_metadata  # `metadata` is the newer name
+    try:
+        return traverse_util.flatten_dict(metadata(params_dir).metadata, sep="/")
+    except Exception as e:  # any unreadable metadata means a damaged checkpoint
+        raise CheckpointError(f"{params_dir} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the "
+                              "checkpoint is damaged: convert or export it again") from e
+
+
+def read_params(params_dir: str, paths, metadata: dict) -> dict:
+    """Only the params at `paths` ('/'-paths), as host numpy arrays in their stored dtype (Orbax partial load):
+    the exporters' way of streaming a checkpoint without holding it whole."""
+    import orbax.checkpoint.experimental.v1 as ocp
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    abstract = traverse_util.unflatten_dict(
+        {p: jax.ShapeDtypeStruct(metadata[p].shape, metadata[p].dtype, sharding=cpu) for p in paths}, sep="/")
+    context = ocp.Context()
+    context.pytree.loading.partial_load = True
+    with context:
+        tree = _load_tree(params_dir, abstract)
+    return {p: np.asarray(v) for p, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+def _check_stored_shapes(params_dir: str, expected: dict) -> None:
+    """The arrays on disk must be the ones model_config.json describes (an edited config is caught here)."""
+    stored = stored_metadata(params_dir)
+    for p, s in sorted(expected.items()):
+        got = tuple(getattr(stored.get(p), "shape", ()) or ())
+        if p not in stored or got != tuple(s.shape):
+            found = "missing" if p not in stored else f"{got}"
+            raise CheckpointError(f"param {p!r} is {found} in {params_dir} but {CONFIG_FILE} describes "
+                                  f"{tuple(s.shape)}: the config does not belong to these params (edited?); restore "
+                                  "it or convert/export the checkpoint again")
+    extra = sorted(set(stored) - set(expected))
+    if extra:
+        raise CheckpointError(f"{params_dir} holds params {extra[:3]} that {CONFIG_FILE} does not describe; restore it "
+                              "or convert/export the checkpoint again")
+
+
+def _load_tree(params_dir: str, abstract):
+    import orbax.checkpoint.experimental.v1 as ocp
     load = getattr(ocp, "load", None) or ocp.load_pytree  # `load_pytree` is the older (0.12.4) name
-    return load(params_dir, abstract)
+    try:
+        return load(params_dir, abstract)
+    except Exception as e:  # a truncated or corrupted array store
+        raise CheckpointError(f"the params in {params_dir} cannot be read ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); the checkpoint is "
+                              "damaged: convert or export it again") from e
+
+
+def _relayout_shardings(target: dict, stored: dict, *, to_scan: bool) -> dict:
+    """Shardings for the stored (other-layout) arrays that match their targets' (no whole array on one device)."""
+    out = {}
+    for p in stored:
+        parts = p.split("/")
+        if to_scan and any(x.startswith("layers_") for x in parts):  # per-layer stored -> stacked target
+            stacked = "/".join("layers" if x.startswith("layers_") else x for x in parts)
+            sh = target.get(stacked)
+            if sh is not None:
+                out[p] = NamedSharding(sh.mesh, PartitionSpec(*tuple(sh.spec)[1:]))
+        elif not to_scan and "layers" in parts:  # stacked stored -> per-layer targets
+            sh = target.get("/".join("layers_0" if x == "layers" else x for x in parts))
+            if sh is not None:
+                out[p] = NamedSharding(sh.mesh, PartitionSpec(None, *tuple(sh.spec)))
+        elif p in target:
+            out[p] = target[p]
+    return out
 
 
 def _relayout(flat: dict, *, to_scan: bool) -> dict:

@@ -1,4 +1,14 @@
-"""Exo2Ego's losses: VTG (next-token cross-entropy), cycle consistency (L1) and KL between feature spaces."""
+"""Exo2Ego's losses: VTG (next-token cross-entropy), cycle consistency (L1) and KL between feature spaces.
+
+The paper gives the cycle loss's formula, E|G(F(x)) - x|_1 + E|F(G(y)) - y|_1, and says only that the KL term
+aligns the distribution of real exo features y with the mapped F(x). How that distribution is formed, the
+direction and the weights are our choices (config fields, defaults documented in the README):
+  kl_mode "tokens": softmax over channels of each patch token, token (i, j) of y against token (i, j) of F(x).
+                    This pairs the same grid position of two different cameras, so it assumes the views are
+                    spatially aligned, which they are not.
+  kl_mode "pooled": softmax over channels of each frame's mean feature (the patch grid pooled away): compares
+                    what is in the frame, not where; no spatial alignment assumed.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +20,9 @@ import optax
 from exo2ego_jax.constants import IGNORE_INDEX
 from exo2ego_jax.errors import ConfigError, check_choice
 
-KL_DIRECTIONS = ("exo_to_mapped", "mapped_to_exo")  # KL(y || F(x)) [the paper's], or KL(F(x) || y)
-KL_REDUCTIONS = ("batchmean", "mean")
+KL_DIRECTIONS = ("exo_to_mapped", "mapped_to_exo")  # KL(y || F(x)) (our default: the target distribution is
+KL_REDUCTIONS = ("batchmean", "mean")                 # the real exo one, as in distillation) or KL(F(x) || y)
+KL_MODES = ("tokens", "pooled")
 CYCLES = ("both", "forward", "none")
 
 
@@ -24,13 +35,15 @@ class LossConfig:
     use_kl: bool = True
     kl_temperature: float = 1.0
     kl_direction: str = "exo_to_mapped"
-    kl_reduction: str = "batchmean"   # sum over channels, mean over patch tokens (x tau^2)
-    detach_cycle_targets: bool = True  # |G(F(x)) - sg(x)|: the encoder cannot shrink x to win the cycle term
+    kl_reduction: str = "batchmean"   # sum over channels, mean over tokens or frames (x tau^2)
+    kl_mode: str = "tokens"
+    detach_cycle_targets: bool = False  # True: |G(F(x)) - sg(x)| (the paper's formula has no stop-gradient)
 
     def __post_init__(self):
         check_choice("loss.cycle", self.cycle, CYCLES)
         check_choice("loss.kl_direction", self.kl_direction, KL_DIRECTIONS)
         check_choice("loss.kl_reduction", self.kl_reduction, KL_REDUCTIONS)
+        check_choice("loss.kl_mode", self.kl_mode, KL_MODES)
         if self.kl_temperature <= 0:
             raise ConfigError(f"config field 'loss.kl_temperature' must be > 0, got {self.kl_temperature}")
 
@@ -53,8 +66,14 @@ def l1(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def feature_kl(y: jax.Array, fx: jax.Array, *, temperature: float = 1.0, direction: str = "exo_to_mapped",
-               reduction: str = "batchmean") -> jax.Array:
-    """KL between softmax(./tau) over channels of each patch token of y (real exo) and F(x), times tau^2."""
+               reduction: str = "batchmean", mode: str = "tokens") -> jax.Array:
+    """KL between softmax(./tau) over channels of y (real exo) and F(x), times tau^2.
+
+    y, fx: [..., P, C] features (P patch tokens). `mode="tokens"` compares token by token; `"pooled"` compares
+    the means over the P tokens (one distribution per frame).
+    """
+    if mode == "pooled":
+        y, fx = jnp.mean(y.astype(jnp.float32), axis=-2), jnp.mean(fx.astype(jnp.float32), axis=-2)
     log_p = jax.nn.log_softmax(y.astype(jnp.float32) / temperature, axis=-1)
     log_q = jax.nn.log_softmax(fx.astype(jnp.float32) / temperature, axis=-1)
     if direction == "mapped_to_exo":

@@ -1,16 +1,20 @@
-"""Exo2Ego throughput at real shapes (random weights), one table; side by side with ../shared/bench/torch_anchor.py.
+"""Exo2Ego throughput at real shapes (random weights, one device), one table of tokens/s, TFLOP/s, MFU, memory.
 
-  python launch/bench.py                       # GPU, full size
+  python launch/bench.py                       # GPU, full size (the 7b model)
   python launch/bench.py --size tiny           # CPU smoke test (same code, toy shapes)
-  python launch/bench.py --only stage3,lora_2048,lora_3584,clip,decode_1,decode_16 --json $OUT/bench.jsonl
+  python launch/bench.py --only stage3,lora_a,decode_a --json bench.jsonl
 
-Parts (anchors' shapes): stage3 = ego CLIP-L (trained) + F (trained) + STC on x and F(x) joined along tokens
-(trained) + Mistral-7B with LoRA r=128, B=2 clips x 16 frames, 256 text tokens; baseline = the VideoLLaMA2
-path (frozen CLIP, trained STC, LoRA), B=4 clips, 512 text tokens; lora_2048 / lora_3584 = the LLM alone,
-B=4/S=2048 and B=2/S=3584; clip = CLIP-L trainable on 64 frames; decode_1 / decode_16 = greedy decoding,
-prompt 2048, 128 new tokens. Useful FLOPs follow shared/docs/PERFORMANCE.md: frozen base 4N per token (forward
-+ activation gradients), trainable 6N, causal attention half of S^2; MFU against the measured bf16 matmul
-ceiling (787 TFLOP/s on H100/H200).
+Parts (--only, comma-separated; full-size shapes):
+  stage3    ego CLIP-L (trained) + F (trained) + STC on x and F(x) joined along tokens (trained) + Mistral-7B
+            with LoRA r=128; 2 clips x 16 frames, 256 text tokens
+  baseline  the VideoLLaMA2 path: frozen CLIP, trained STC, LoRA; 4 clips, 512 text tokens
+  lora_a    the LLM alone with LoRA, batch 4 x 2048 tokens      lora_b   batch 2 x 3584 tokens
+  clip      CLIP-L trainable on 64 frames
+  decode_a  greedy decoding, batch 1, prompt 2048, 128 new tokens   decode_b   the same at batch 16
+
+Useful FLOPs (launch/BENCHMARKS.md): a frozen weight costs 4 FLOPs per token (forward + the gradient of its
+input), a trained one 6, causal attention half of its S^2 score matrices; recomputation never counts. MFU is
+useful FLOP/s over the GPU's dense bf16 datasheet peak (989 TFLOP/s for H100 and H200 SXM).
 """
 from __future__ import annotations
 
@@ -28,17 +32,18 @@ import numpy as np
 import optax
 import flax.linen as nn
 
-from exo2ego_jax.bench.timing import device_kind, emit, print_table, time_step
+from exo2ego_jax.bench.timing import datasheet_peak_flops, device_kind, emit, print_table, time_step
 from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mistral import MistralConfig, MistralForCausalLM
 from exo2ego_jax.models.params import combine_params, path_matcher, split_params
 from exo2ego_jax.serve.generate import generate
 from exo2ego_jax.train.batches import global_batch, to_model_batch
-from exo2ego_jax.train.config import load_config_file, resolve
+from exo2ego_jax.configfile import load_config_file
+from exo2ego_jax.train.config import resolve
 from exo2ego_jax.train.loop import prepare
 
-MATMUL_CEILING_TFLOPS = 787.0  # measured bf16 8192^3 matmul on H200 (PERFORMANCE.md); H100 SXM is similar
 
+PARTS = ("stage3", "baseline", "lora_a", "lora_b", "clip", "decode_a", "decode_b")
 SIZES = {
     "full": dict(preset="7b", stage3=dict(batch=2, text=256), baseline=dict(batch=4, text=512),
                  lora=((4, 2048), (2, 3584)), clip_frames=64, decode=dict(prompt=2048, new=128, batches=(1, 16))),
@@ -161,8 +166,9 @@ def _row(part, timing, useful, *, tokens, items=None, item_name=None) -> dict:
     row = dict(part=part, step_s=timing.step_s, tokens_per_s=tokens / timing.step_s, useful_tflops=tflops,
                xla_tflops=(timing.flops_xla or 0) / timing.step_s / 1e12, compile_s=timing.compile_s,
                peak_gb=(timing.peak_bytes or 0) / 1e9 or None, device=device_kind())
-    if jax.default_backend() == "gpu":
-        row["mfu"] = tflops / MATMUL_CEILING_TFLOPS
+    peak = datasheet_peak_flops()
+    if peak:
+        row["mfu"] = useful / timing.step_s / peak
     if items:
         row[f"{item_name}_per_s"] = items / timing.step_s
     return row
@@ -171,12 +177,15 @@ def _row(part, timing, useful, *, tokens, items=None, item_name=None) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="full")
-    p.add_argument("--only", default="stage3,baseline,lora_a,lora_b,clip,decode_a,decode_b")
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--remat", default="full", help="remat policy of the LLM-only LoRA steps")
     p.add_argument("--attention_impl", default="cudnn" if jax.default_backend() == "gpu" else "xla")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    unknown = [part for part in args.only.split(",") if part not in PARTS]
+    if unknown:
+        p.error(f"--only: unknown part(s) {unknown}; choose from {','.join(PARTS)}")
     spec = SIZES[args.size]
     print(f"# device {device_kind()}, jax {jax.__version__}, size {args.size}")
     rows = []
@@ -196,8 +205,6 @@ def main(argv=None):
         elif part in ("decode_a", "decode_b"):
             rec = bench_decode(args.size, spec["decode"]["batches"][0 if part == "decode_a" else 1], args.reps,
                                args.attention_impl)
-        else:
-            raise SystemExit(f"unknown part {part!r}")
         emit(rec, args.json)
         rows.append(rec)
     print_table(rows, [("part", "part", ""), ("step_s", "step s", ".4f"), ("tokens_per_s", "tokens/s", ".0f"),

@@ -2,15 +2,18 @@
 
   python launch/demo.py [--workdir /tmp/exo2ego_demo] [--seed 0] [--scale 1.0]
 
-1. Generates the synthetic ego-exo dataset (rendered takes in the Ego-Exo4D format, EgoIT conversations,
-   held-out multiple-choice items) and builds its records with the real builders.
-2. Trains a Mistral-style BPE tokenizer on the synthetic text.
-3. Runs the init stage and stages 1-3 with `launch/stageN.py --config configs/stageN.py:demo` (the code users
-   run on GPU pods), each from the previous stage's export; and the single-encoder VideoLLaMA2 baseline: the
-   same init stage, then stage-3 instruction tuning on the ego encoder alone (no exo stages, no F).
-4. Scores the held-out multiple-choice clips for both models (option log-likelihood and generated letters),
-   answers one question about a generated clip, and writes WORKDIR/results.md and loss-curve PNGs.
-Deterministic from --seed. `--scale` multiplies the step counts (0.25 for a smoke run).
+1. Renders the synthetic ego-exo dataset (tabletop takes from a first-person camera that hides which way the
+   hand moves the object, and two fixed third-person cameras that show it; Ego-Exo4D's formats; EgoIT
+   conversations; 300 held-out four-option questions) and builds its records with the real builders, then
+   trains a Mistral-style BPE tokenizer on its training text.
+2. Runs Exo2Ego (init -> stage 1 -> stage 2 -> stage 3) and the VideoLLaMA2 baseline trained on the same data
+   with the same budget (init -> ego captioning as long as stages 1 and 2 -> stage 3 on x alone), each stage
+   through `launch/stageN.py --config configs/stageN.py:demo` (the code users run on GPU pods).
+3. Scores the held-out questions for both with `launch/evaluate.py` (option log-likelihood), reports each
+   accuracy with n and a 95% interval and the paired difference with its interval, answers one question about
+   a held-out clip, and writes WORKDIR/results.md and loss-curve PNGs.
+Deterministic from --seed on one machine (float results can differ between CPUs). `--scale` multiplies the
+step counts (0.01 for a smoke run).
 """
 from __future__ import annotations
 
@@ -25,17 +28,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "launch"))
 
-import chain
-from exo2ego_jax.data import synthetic, template
-from exo2ego_jax.data.builders import format_summary
-from exo2ego_jax.data.tokenizer import train_tokenizer
-from exo2ego_jax.eval.runner import EvalSettings, run_benchmark
-from exo2ego_jax.serve.inference import answer_question, load_model
+import numpy as np
 
-# Optimizer steps per stage at --scale 1 (batch 8, CPU): the init stage also teaches the tiny LLM the
-# narration language (it stands in for VideoLLaMA2's pretraining, see configs/stage0.py).
-STEPS = {"stage0": 240, "stage1": 60, "stage2": 80, "stage3": 320}
-BASELINE_TRAINABLE = (r"llm/.*/lora_[ab]", r"ego_encoder/.*", r"connector/.*")
+import study
+from exo2ego_jax.data import synthetic
+from exo2ego_jax.errors import run_cli
+from exo2ego_jax.eval.stats import paired_bootstrap, wilson_interval
+from exo2ego_jax.serve.inference import answer_question, load_model
+from exo2ego_jax.configfile import load_config_file
+
+BUDGET = study.Budget(stage0=480, stage1=100, stage2=140, stage3=400)  # the ablation study's (launch/ablate.py)
+LABELS = {"full": "Exo2Ego (init, 1, 2, 3)", "baseline": "VideoLLaMA2 baseline (init, captioning, 3)"}
 
 
 def losses(workdir: str) -> list[tuple[int, float]]:
@@ -66,78 +69,72 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/tmp/exo2ego_demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
-    p.add_argument("--workers", type=int, default=0, help="decoding processes for the record build")
+    p.add_argument("--parallel", type=int, default=2, help="stage runs at a time")
     a = p.parse_args(argv)
     started = time.time()
     work = os.path.abspath(a.workdir)
-    data = os.path.join(work, "data")
-    logs = os.path.join(work, "logs")
-    os.makedirs(logs, exist_ok=True)
+    runs = os.path.join(work, "runs")
+    env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(work, "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
-    print(f"[1/5] synthetic ego-exo dataset (seed {a.seed}) -> {data}", flush=True)
-    for summary in synthetic.build(data, seed=a.seed, preset="demo", workers=a.workers):
-        print(format_summary(summary), flush=True)
-    raw = os.path.join(data, "raw")
-    print("[2/5] tokenizer trained on the synthetic text", flush=True)
-    scaffolding = [template.SYSTEM_PROMPT, "[INST] <<SYS>>\n", "\n<</SYS>>\n\n", " [/INST] ", " </s>"] * 40
-    tok = train_tokenizer(synthetic.corpus(raw) + scaffolding, os.path.join(data, "tokenizer"), vocab_size=512)
-    print(f"  vocabulary {len(tok)}", flush=True)
+    print("[1/4] synthetic ego-exo dataset and tokenizer", flush=True)
+    data = study.prepare_data(os.path.join(work, "data"), "demo")
 
-    common = {"data.root": os.path.join(data, "records"), "data.tokenizer": os.path.join(data, "tokenizer"),
-              "seed": a.seed, "mesh.num_devices": 1, "mesh.shape": "(1,1,1)"}
-    steps = {k: max(4, int(round(v * a.scale))) for k, v in STEPS.items()}
-    plan = [("stage0", "stage0", {}), ("stage1", "stage1", {"init.from_workdir": "stage0"}),
-            ("stage2", "stage2", {"init.from_workdir": "stage1"}), ("stage3", "stage3", {"init.from_workdir": "stage2"}),
-            ("baseline_stage3", "stage3", {"init.from_workdir": "stage0", "fusion": "none",
-                                           "trainable": repr(BASELINE_TRAINABLE)})]
-    print("[3/5] training: init -> stage 1 -> stage 2 -> stage 3, and the VideoLLaMA2 baseline", flush=True)
-    timings, curves = {}, {}
-    for name, stage, extra in plan:
-        overrides = dict(common, num_train_steps=steps[stage], checkpoint_every=steps[stage])
-        overrides.update({k: (os.path.join(work, v) if k == "init.from_workdir" else v) for k, v in extra.items()})
-        workdir = os.path.join(work, name)
-        timings[name] = chain.run_stage(stage, "demo", workdir, overrides, os.path.join(logs, f"{name}.log"))
-        curves[name] = losses(workdir)
-        print(f"  {name}: {steps[stage]} steps, loss {curves[name][0][1]:.3f} -> {curves[name][-1][1]:.3f} "
-              f"({timings[name]:.0f} s)", flush=True)
+    budget = study.Budget(*(max(2, int(round(v * a.scale))) for v in vars(BUDGET).values()))
+    print(f"[2/4] training Exo2Ego and the baseline (steps {vars(budget)})", flush=True)
+    common = {"data.root": data["records"], "data.tokenizer": data["tokenizer"], "mesh.num_devices": 1,
+              "mesh.shape": "(1,1,1)", "log_every": 5}
+    stage1_lr = load_config_file(os.path.join(ROOT, "configs", "stage1.py"), "demo").optim.learning_rate
+    jobs = study.plan(("full", "baseline"), a.seed, budget, common, stage1_lr)
+    timings = study.run_jobs(jobs, runs, parallel=a.parallel, echo=False, env=env)
 
-    print("[4/5] held-out multiple-choice clips", flush=True)
-    rows = {}
-    models = {"Exo2Ego (init, 1, 2, 3)": os.path.join(work, "stage3", "export"),
-              "VideoLLaMA2 baseline (init, 3)": os.path.join(work, "baseline_stage3", "export")}
-    for label, path in models.items():
-        model = load_model(path)
-        out = os.path.join(work, "eval", os.path.basename(os.path.dirname(path)))
-        print(f"  {label}", flush=True)
-        ll = run_benchmark("mcq_json", raw, model, out, settings=EvalSettings(mode="loglik"))
-        gen = run_benchmark("mcq_json", raw, model, out + "_letters", settings=EvalSettings(mode="generate"))
-        rows[label] = (ll["mcq_json"], gen["mcq_json"], gen.get("mcq_json_unparsed", 0), ll["mcq_json_n"])
-        if label.startswith("Exo2Ego"):
-            full_model = model
+    print("[3/4] held-out questions", flush=True)
+    with open(os.path.join(data["raw"], "mcq_test.json")) as f:
+        items = json.load(f)
+    rows, tasks, outs = {}, {}, {}
+    for v in ("full", "baseline"):
+        export = os.path.join(runs, study.final_job(a.seed, v), "export")
+        out = outs[v] = os.path.join(work, "eval", v)
+        log = os.path.join(runs, "logs", f"eval_{v}.log")
+        tasks[v] = (None, lambda export=export, out=out, log=log: study.evaluate(
+            export, data["raw"], out, item_file="mcq_test.json", video_key="video", log=log, env=env))
+    study.run_tasks(tasks, a.parallel)
+    correct = {v: np.asarray(study.correctness(os.path.join(outs[v], "mcq_json", "predictions.jsonl"), items))
+               for v in outs}
+    n = len(items)
+    for v, c in correct.items():
+        lo, hi = wilson_interval(int(c.sum()), n)
+        rows[v] = (100.0 * c.mean(), 100.0 * lo, 100.0 * hi)
+    diff = paired_bootstrap(correct["full"], correct["baseline"])
 
-    print("[5/5] one question about a held-out clip", flush=True)
-    with open(os.path.join(raw, "mcq_val.json")) as f:
-        item = json.load(f)[0]
-    answer = answer_question(full_model, os.path.join(raw, item["video"]), synthetic.MC_QUESTION,
+    print("[4/4] one question about a held-out clip", flush=True)
+    item = items[0]
+    model = load_model(os.path.join(runs, study.final_job(a.seed, "full"), "export"))
+    answer = answer_question(model, os.path.join(data["raw"], item["video"]), synthetic.MC_QUESTION,
                              start=item["start"], end=item["end"], max_new_tokens=16)
     truth = item["options"][item["answer"]]
 
-    plot_losses({k: curves[k] for k in ("stage0", "stage1", "stage2", "stage3")}, os.path.join(work, "losses.png"))
-    plot_losses({"Exo2Ego stage3": curves["stage3"], "baseline stage3": curves["baseline_stage3"]},
+    names = {"init": f"seed{a.seed}/init", "stage1": f"seed{a.seed}/stage1", "stage2": f"seed{a.seed}/stage2_full",
+             "stage3": f"seed{a.seed}/stage3_full", "baseline captioning": f"seed{a.seed}/caption_baseline",
+             "baseline stage3": f"seed{a.seed}/stage3_baseline"}
+    curves = {k: losses(os.path.join(runs, v)) for k, v in names.items()}
+    plot_losses({k: curves[k] for k in ("init", "stage1", "stage2", "stage3")}, os.path.join(work, "losses.png"))
+    plot_losses({"Exo2Ego stage3": curves["stage3"], "baseline stage3": curves["baseline stage3"]},
                 os.path.join(work, "losses_stage3_vs_baseline.png"))
-    n = next(iter(rows.values()))[3]
     lines = ["# Exo2Ego demo results", "",
-             f"Synthetic ego-exo dataset, seed {a.seed}; {n} held-out four-option questions (chance 25%).", "",
-             "| model | MC accuracy, option log-likelihood | MC accuracy, generated letter (unparsed) |",
-             "|---|---|---|"]
-    lines += [f"| {label} | {ll:.1f}% | {gen:.1f}% ({unparsed}) |" for label, (ll, gen, unparsed, _) in rows.items()]
-    lines += ["", "| run | steps | first loss | last loss | seconds |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {len(curves[name])} | {curves[name][0][1]:.3f} | {curves[name][-1][1]:.3f} | "
-              f"{timings[name]:.0f} |" for name in curves]
+             f"Synthetic ego-exo task, seed {a.seed}; n = {n} held-out four-option questions from takes never "
+             "trained on (chance 25%); option log-likelihood; 95% intervals (Wilson for an accuracy, paired "
+             "bootstrap over questions for the difference).", "",
+             "| model | accuracy | 95% CI |", "|---|---|---|"]
+    lines += [f"| {LABELS[v]} | {acc:.1f}% | [{lo:.1f}, {hi:.1f}] |" for v, (acc, lo, hi) in rows.items()]
+    lines += ["", f"Exo2Ego - baseline: {100 * diff['diff']:+.1f} points, 95% CI [{100 * diff['ci95'][0]:+.1f}, "
+              f"{100 * diff['ci95'][1]:+.1f}].", "",
+              "| run | steps | first loss | last loss | seconds |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {curve[-1][0]} | {curve[0][1]:.3f} | {curve[-1][1]:.3f} | "
+              f"{timings.get(names[k], float('nan')):.0f} |" for k, curve in curves.items()]
     lines += ["", f"Question about `{item['video']}` [{item['start']:.2f}, {item['end']:.2f}] s: "
               f"\"{synthetic.MC_QUESTION}\"", f"- model: \"{answer}\"", f"- truth: \"{truth}\"", "",
               "Loss curves: losses.png, losses_stage3_vs_baseline.png", "",
-              f"Total time: {time.time() - started:.0f} s"]
+              f"Commit {study.commit()}, {study.machine()}; total time {time.time() - started:.0f} s"]
     with open(os.path.join(work, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines), flush=True)
@@ -146,4 +143,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

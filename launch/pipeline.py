@@ -23,7 +23,7 @@ import chain
 import exo2ego_jax
 from exo2ego_jax.constants import IGNORE_INDEX
 from exo2ego_jax.train.batches import to_model_batch
-from exo2ego_jax.train.config import apply_overrides, load_config_file
+from exo2ego_jax.configfile import apply_overrides, load_config_file
 from exo2ego_jax.train.loop import train
 from exo2ego_jax.train.toy_data import toy_examples
 

@@ -18,25 +18,32 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import argparse
+
 import jax
 import jax.numpy as jnp
-from absl import app, flags
-from ml_collections import config_flags
 
 from exo2ego_jax.bench.profile import attribute, hlo_op_names, load_trace_events
 from exo2ego_jax.bench.timing import device_kind, print_table
-from exo2ego_jax.errors import ConfigError
+from exo2ego_jax.configfile import load_config_file, split_config_args
+from exo2ego_jax.errors import ConfigError, run_cli
 from exo2ego_jax.train.batches import global_batch, to_model_batch
 from exo2ego_jax.train.config import resolve
 from exo2ego_jax.train.loop import prepare
 
-config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "stage2.py") + ":tiny",
-                                "a stage-2 config file with :preset", lock_config=True)
-flags.DEFINE_string("trace_dir", None, "output folder", required=True)
-flags.DEFINE_integer("steps", 3, "profiled steps")
-flags.DEFINE_integer("warmup", 2, "steps before the trace starts")
-flags.DEFINE_integer("top", 10, "how many top ops to print")
-FLAGS = flags.FLAGS
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "stage2.py") + ":tiny"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python launch/profile_cycle.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE:PRESET", help="a stage-2 config (default configs/stage2.py:tiny); "
+                                                           "--config.FIELD=VALUE overrides its fields")
+    p.add_argument("--trace_dir", required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps")
+    p.add_argument("--warmup", type=int, default=2, help="steps before the trace starts")
+    p.add_argument("--top", type=int, default=10, help="how many top ops to print")
+    return p
 
 
 def analysis_to_dict(obj) -> dict:
@@ -55,7 +62,6 @@ def write_json(path: str, value) -> None:
 def profile(c, trace_dir: str, *, steps: int, warmup: int, top: int) -> dict:
     if c.stage != "stage2":
         raise ConfigError(f"config field 'stage' is {c.stage!r}: this tool profiles the stage-2 step (configs/stage2.py)")
-    c.unlock()
     c.export.enabled = False
     setup = prepare(resolve(c))
     batch = global_batch(to_model_batch(next(setup.data), jnp.dtype(c.compute_dtype)), setup.layout.batch)
@@ -112,10 +118,15 @@ def profile(c, trace_dir: str, *, steps: int, warmup: int, top: int) -> dict:
     return summary
 
 
-def main(argv):
-    del argv
-    profile(FLAGS.config, FLAGS.trace_dir, steps=FLAGS.steps, warmup=FLAGS.warmup, top=FLAGS.top)
+def main(argv) -> int:
+    path, preset, overrides, rest = split_config_args(argv, default=DEFAULT_CONFIG)
+    a = parser().parse_args(rest)
+    profile(load_config_file(path, preset, overrides), a.trace_dir, steps=a.steps, warmup=a.warmup, top=a.top)
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    if any(x in ("-h", "--help") for x in sys.argv[1:]):
+        parser().print_help()
+        sys.exit(0)
+    sys.exit(run_cli(lambda: main(sys.argv[1:])))

@@ -132,3 +132,38 @@ def egoit_sources(root: str) -> dict:
                 "bee9,Xy14,val,ego,kitchen,90.0,91.0,val row,val row,val row\n")
     paths["egoexolearn"] = d
     return paths
+
+
+EGO_VIDEO = "takes/t1/frame_aligned_videos/aria01_214-1.mp4"
+EXO_VIDEOS = ("takes/t1/frame_aligned_videos/cam01.mp4", "takes/t1/frame_aligned_videos/cam02.mp4")
+
+
+def write_egoexo4d(root: str, *, timestamps, empty_val: bool = False, duration: float = 4.0) -> str:
+    """One take (an ego camera and two exo cameras, `duration` s) narrated at `timestamps` in one pass."""
+    frames = int(duration * FPS)
+    write_coded(os.path.join(root, EGO_VIDEO), frames)
+    for path in EXO_VIDEOS:
+        write_coded(os.path.join(root, path), frames, offset=128)
+    rel = lambda p: p.split("/", 2)[2]
+    _dump(os.path.join(root, "takes.json"), [{
+        "take_uid": "t1", "take_name": "t1", "root_dir": "takes/t1", "duration_sec": duration, "best_exo": "cam01",
+        "capture": {"cameras": [{"cam_id": "aria01", "is_ego": True}, {"cam_id": "cam01", "is_ego": False},
+                                {"cam_id": "cam02", "is_ego": False}]},
+        "frame_aligned_videos": {"aria01": {"rgb": {"relative_path": rel(EGO_VIDEO)}},
+                                 "cam01": {"0": {"relative_path": rel(EXO_VIDEOS[0])}},
+                                 "cam02": {"0": {"relative_path": rel(EXO_VIDEOS[1])}}}}])
+    descriptions = [{"text": f"C does thing {k}.", "timestamp": t, "narration_subject": "C", "unsure": False}
+                    for k, t in enumerate(timestamps)]
+    passes = {"t1": [{"annotation_uid": "p1", "rejected": False, "descriptions": descriptions}]}
+    _dump(os.path.join(root, "annotations/atomic_descriptions_train.json"), {"annotations": passes})
+    _dump(os.path.join(root, "annotations/atomic_descriptions_val.json"),
+          {"annotations": {} if empty_val else passes})
+    return root
+
+
+def truncate_video(path: str, keep: float = 0.3) -> None:
+    """Cut a video file to its first `keep` fraction of bytes (a broken download)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:int(len(data) * keep)])

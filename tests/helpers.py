@@ -10,7 +10,7 @@ import numpy as np
 from exo2ego_jax.losses import vtg_loss
 from exo2ego_jax.models.params import flatten
 from exo2ego_jax.serve.scoring import option_losses
-from exo2ego_jax.train.config import load_config_file
+from exo2ego_jax.configfile import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -59,3 +59,24 @@ def test_wrong_pixel_shape_is_a_clear_error(hf_clip, tmp_path):
     module, params = exo2ego_jax.load_pretrained(str(tmp_path / "ckpt"))
     with pytest.raises(ValueError, match=r"CLIP expects pixels \[N, 16, 16, 3\].*got \(2, 3, 16, 16\)"):
         module.apply({"params": params}, jnp.zeros((2, 3, 16, 16)))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cudnn_odd_length_padding_is_exact(monkeypatch, causal):
+    """The cuDNN route pads an odd length by one masked position; run with XLA standing in for the cuDNN
+    kernel (same arguments: causal, key lengths), it equals plain attention on the odd length."""
+    from exo2ego_jax.models import layers
+    real = jax.nn.dot_product_attention
+    seen = []
+
+    def as_xla(*args, implementation=None, **kwargs):
+        seen.append(args[0].shape[1])
+        return real(*args, implementation="xla", **kwargs)
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(2, 577, 4, 8)).astype(np.float32) for _ in range(3))
+    want = real(q, k, v, is_causal=causal, implementation="xla")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
+    got = layers.dot_product_attention(q, k, v, impl="cudnn", is_causal=causal)
+    assert seen == [578]  # the kernel saw an even length
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)

@@ -150,7 +150,7 @@ def test_plan_windows_filters_and_skips(egoexo):
     assert n.start == pytest.approx(1.0 - beta_a / 9.8) and n.end == pytest.approx(1.0 + beta_a / 9.8)
     assert [c for c, _ in n.exo_videos] == ["gp01", "gp02"] and n.best_exo == "gp02"
     assert n.ego_video == "takes/lab_a_1/frame_aligned_videos/aria01_214-1.mp4"
-    beta_b = (9.0 - 0.05) / 2
+    beta_b = 3.98 - 0.05  # "C leaves." at 9.0 s lies past the 4 s take: skipped, and no part of beta
     assert by_text["C opens the fridge."].start == 0.0  # clamped at the take start
     assert by_text["C opens the fridge."].end == pytest.approx(0.05 + beta_b / 9.8)
     assert by_text["C closes the fridge."].end == 4.0  # clamped at duration_sec
@@ -226,11 +226,12 @@ def test_build_resumes_after_an_interruption(egoexo, tmp_path):
     a, b = open_records(summary["path"], "train"), open_records(clean["path"], "train")
     for i in range(len(a)):
         assert a[i]["uid"] == b[i]["uid"] and np.array_equal(a[i]["ego_frames"], b[i]["ego_frames"])
-    with pytest.raises(DataError, match="different plan"):  # a stale partial build of another plan is refused
-        os.makedirs(os.path.join(out, ".work", "ego_exo_clip"))
-        with open(os.path.join(out, ".work", "ego_exo_clip", "plan.json"), "w") as f:
-            json.dump({"plan": "other"}, f)
-        build_dataset("ego_exo_clip", units, decode, out, settings=settings, show_progress=False)
+    stale = str(tmp_path / "stale")  # a partial build of another plan is refused, not mixed in
+    os.makedirs(os.path.join(stale, ".work", "ego_exo_clip"))
+    with open(os.path.join(stale, ".work", "ego_exo_clip", "plan.json"), "w") as f:
+        json.dump({"plan": "other"}, f)
+    with pytest.raises(DataError, match="different plan"):
+        build_dataset("ego_exo_clip", units, decode, stale, settings=settings, show_progress=False)
 
 
 def test_build_cli_decodes_in_parallel_and_prints_a_summary(egoexo, tmp_path):
@@ -406,7 +407,7 @@ def loader(c, process_index=0, process_count=1):
 
 
 def loader_config(stage, synthetic_records, **overrides):
-    from exo2ego_jax.train.config import load_config_file
+    from exo2ego_jax.configfile import load_config_file
     base = {"data.root": os.path.join(synthetic_records["out"], "records"),
             "data.tokenizer": os.path.join(synthetic_records["out"], "tokenizer"), "batch_size": 4,
             "model.clip.image_size": 16}
@@ -445,9 +446,20 @@ def test_loader_batches_views_and_buckets(synthetic_records):
     batch3 = next(loader(c3))
     assert "exo_frames" not in batch3 and batch3["input_ids"].shape[1] in (64, 128)
     assert (batch3["labels"] != template.IGNORE_INDEX).any(1).all()  # the answers survive truncation
-    bad = loader_config("stage2", synthetic_records, **{"data.source": "ego_it"})
-    with pytest.raises(ValueError, match="no exo frames"):
-        next(loader(bad))
+
+
+def test_a_stage_needing_exo_frames_refuses_records_without_them(synthetic_records, tmp_path):
+    root = tmp_path / "videos"
+    fx.write_coded(str(root / "clip.mp4"), 60)
+    conv = [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "That."}]
+    (tmp_path / "it.json").write_text(json.dumps([{"id": str(i), "video": "clip.mp4", "conversations": conv}
+                                                  for i in range(3)]))
+    build_ego_it([str(tmp_path / "it.json")], str(root), str(tmp_path / "out"), num_frames=4, store_size=16,
+                 show_progress=False)
+    c = loader_config("stage2", synthetic_records, **{"data.source": "ego_it", "data.root": str(tmp_path / "out"),
+                                                       "batch_size": 2})
+    with pytest.raises(DataError, match="no exo frames"):
+        next(loader(c))
 
 
 def test_loader_order_is_deterministic_and_resumes(synthetic_records):

@@ -80,7 +80,7 @@ def test_prompts_follow_videollama2():
     assert text == ("Select the best answer to the following multiple-choice question based on the video.\nWhat?\n"
                     "Options:\n(A) a\n(B) b\nAnswer with the option's letter from the given choices directly and only "
                     "give the best option. The best answer is: ")
-    cued = prompts.mcq_prompt("What?", ["a", "b"], first_person=True)
+    cued = prompts.mcq_prompt("What?", ["a", "b"], prompt="first_person")
     assert cued.startswith("This video is recorded from a first-person perspective. Question: What?\nOptions:")
 
 
@@ -120,14 +120,18 @@ def test_mcq_benchmark_end_to_end(bench_root, model, tmp_path, mode):
 def test_loglik_scores_equal_the_models_own_loss(bench_root, model):
     """The option scores are minus the mean answer-token loss of "[INST] q [/INST] option </s>"."""
     from exo2ego_jax.data import template
+    from exo2ego_jax.data.prompts import with_prompt
     from exo2ego_jax.eval.runner import predict_batch
     from exo2ego_jax.serve.inference import clip_pixels
     root, _ = bench_root
     item = B.load_vln_qa(os.path.join(root, "vln_qa"))[0]
     pixels = clip_pixels(item.video, model.num_frames, model.image_size)
-    rec = predict_batch(B.BENCHMARKS["vln_qa"], [item], pixels[None], model, EvalSettings(mode="loglik"))[0]
+    settings = EvalSettings(mode="loglik")
+    rec = predict_batch(B.BENCHMARKS["vln_qa"], [item], pixels[None], model, settings)[0]
+    question = with_prompt(item.question, settings.prompt)  # the default row: task details + first-person cue
+    assert question != item.question
     for k, option in enumerate(item.options):
-        tok = template.tokenize_conversation(model.tokenizer, [{"from": "human", "value": item.question},
+        tok = template.tokenize_conversation(model.tokenizer, [{"from": "human", "value": question},
                                                                {"from": "gpt", "value": option}])
         _, loss = composite_logits_and_loss(model.module, model.params, tok.input_ids[None], pixels[None],
                                             labels=tok.labels[None])

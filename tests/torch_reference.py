@@ -58,8 +58,12 @@ def _perturb(module, seed: int, std: float):
 
 
 def write_tiny_videollama2(path: str, clip_config: dict, mistral_config: dict, *, num_frames: int, stc_depth: int = 4,
-                           stc_padding: int = 1, seed: int = 0, with_projector: bool = True):
-    """-> (clip, stc, llm) torch modules, after writing them to `path` as a VideoLLaMA2 checkpoint."""
+                           stc_padding: int = 1, seed: int = 0, with_projector: bool = True,
+                           tower_folder: str | None = None):
+    """-> (clip, stc, llm) torch modules, after writing them to `path` as a VideoLLaMA2 checkpoint.
+
+    `tower_folder`: as VideoLLaMA2's training code leaves it for a local tower: the tower saved there on its own
+    and named by `mm_vision_tower`, config.json without `vision_config`."""
     import torch
     import transformers
     from safetensors.torch import save_file
@@ -76,8 +80,12 @@ def write_tiny_videollama2(path: str, clip_config: dict, mistral_config: dict, *
     os.makedirs(path, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
     config = {**llm.config.to_dict(), "model_type": "videollama2_mistral", "mm_projector_type": "stc_connector",
-              "mm_hidden_size": clip_config["hidden_size"], "mm_vision_select_layer": -2, "num_frames": num_frames,
-              "vision_config": clip.config.to_dict()}
+              "mm_hidden_size": clip_config["hidden_size"], "mm_vision_select_layer": -2, "num_frames": num_frames}
+    if tower_folder:
+        clip.save_pretrained(tower_folder)
+        config["mm_vision_tower"] = tower_folder
+    else:
+        config["vision_config"] = clip.config.to_dict()
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, default=str)
     return clip, stc, llm

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import jax
 
+from exo2ego_jax.bench.targets import TARGETS
+
 
 @dataclasses.dataclass
 class StepTiming:
@@ -76,6 +78,15 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
             v = row.get(key)
             cells.append("-" if v is None else format(v, fmt) if fmt else str(v))
         print("| " + " | ".join(cells) + " |")
+
+
+def datasheet_peak_flops() -> float | None:
+    """Dense bf16 FLOP/s of this process's GPU from its datasheet (H100/H200); None elsewhere (no MFU)."""
+    kind = getattr(jax.devices()[0], "device_kind", "")
+    for model in ("H100", "H200"):
+        if model in kind:
+            return TARGETS[model.lower()].peak_flops
+    return None
 
 
 def device_kind() -> str:

@@ -9,7 +9,8 @@ import sys
 import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from exo2ego_jax.convert import CONVERTERS, CheckpointError
+from exo2ego_jax.convert import CONVERTERS
+from exo2ego_jax.errors import run_cli
 
 
 def main(argv=None) -> int:
@@ -33,18 +34,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="videollama2: seed of the fresh F/G init")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        extra = {}
-        if args.kind == "videollama2":
-            extra = dict(mm_projector=args.mm_projector, clip_dir=args.clip_dir, mapper_width=args.mapper_width,
-                         mapper_blocks=args.mapper_blocks, seed=args.seed)
-        elif args.mm_projector or args.clip_dir:
-            parser.error("--mm_projector and --clip_dir apply to the videollama2 kind only")
-        summary = CONVERTERS[args.kind](args.hf_dir, args.out, dtype=args.dtype, scan_layers=args.scan_layers,
-                                        buffer_mb=args.buffer_mb, **extra)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    extra = {}
+    if args.kind == "videollama2":
+        extra = dict(mm_projector=args.mm_projector, clip_dir=args.clip_dir, mapper_width=args.mapper_width,
+                     mapper_blocks=args.mapper_blocks, seed=args.seed)
+    elif args.mm_projector or args.clip_dir:
+        parser.error("--mm_projector and --clip_dir apply to the videollama2 kind only")
+    summary = CONVERTERS[args.kind](args.hf_dir, args.out, dtype=args.dtype, scan_layers=args.scan_layers,
+                                    buffer_mb=args.buffer_mb, **extra)
     print(f"wrote {args.out}: {summary['converted_tensors']} tensors converted, "
           f"{summary['skipped_tensors']} known-unused tensors skipped, tokenizer files: "
           f"{summary['tokenizer_files'] or 'none'}")
@@ -52,4 +49,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -31,18 +31,25 @@ DTYPES = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """A PyTorch -> Flax layout change, with its effect on shapes (for header-only checks)."""
+    """A PyTorch -> Flax layout change, with its effect on shapes (for header-only checks) and its inverse
+    (Flax -> PyTorch, for the exporters)."""
     name: str
     apply: Callable[[np.ndarray], np.ndarray]
     shape: Callable[[tuple], tuple]
+    invert: Callable[[np.ndarray], np.ndarray]
+    invert_shape: Callable[[tuple], tuple]
 
 
-IDENTITY = Layout("identity", lambda a: a, lambda s: tuple(s))
-# nn.Linear [out, in] -> Dense kernel [in, out]
-LINEAR = Layout("linear", lambda a: a.T, lambda s: tuple(reversed(s)))
-# ConvNd [out, in, *k] -> flax Conv [*k, in, out] (also depthwise: in = 1)
+def _conv_to_torch(a: np.ndarray) -> np.ndarray:
+    return np.transpose(a, (a.ndim - 1, a.ndim - 2) + tuple(range(a.ndim - 2)))
+
+
+IDENTITY = Layout("identity", lambda a: a, tuple, lambda a: a, tuple)
+# nn.Linear [out, in] <-> Dense kernel [in, out]
+LINEAR = Layout("linear", lambda a: a.T, lambda s: tuple(reversed(s)), lambda a: a.T, lambda s: tuple(reversed(s)))
+# ConvNd [out, in, *k] <-> flax Conv [*k, in, out] (also depthwise: in = 1)
 CONV = Layout("conv", lambda a: np.transpose(a, tuple(range(2, a.ndim)) + (1, 0)),
-              lambda s: tuple(s[2:]) + (s[1], s[0]))
+              lambda s: tuple(s[2:]) + (s[1], s[0]), _conv_to_torch, lambda s: (s[-1], s[-2]) + tuple(s[:-2]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +155,7 @@ def convert_checkpoint(ckpt: SafetensorsCheckpoint, plan, *, prefix: str, expect
     # 3. Stream tensors into an Orbax checkpoint, flushing the buffer with partial saves.
     import orbax.checkpoint.experimental.v1 as ocp
 
+    created = not os.path.exists(out_dir)  # a failed conversion removes what it created
     os.makedirs(out_dir, exist_ok=True)
     params_dir = os.path.join(out_dir, PARAMS_DIR)
     for stale in (params_dir, params_dir + ".partial_save"):
@@ -192,6 +200,8 @@ def convert_checkpoint(ckpt: SafetensorsCheckpoint, plan, *, prefix: str, expect
     except BaseException:
         shutil.rmtree(params_dir + ".partial_save", ignore_errors=True)
         shutil.rmtree(params_dir, ignore_errors=True)
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
         raise
 
     copied = copy_tokenizer_files(ckpt.hf_dir, out_dir)

@@ -127,7 +127,14 @@ def _read_header(path: str) -> tuple[dict, int]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} has a corrupt safetensors header ({e})") from e
+    end = 0
     for key, info in header.items():
-        if key != "__metadata__" and info.get("dtype") not in _DTYPES:
+        if key == "__metadata__":
+            continue
+        if info.get("dtype") not in _DTYPES:
             raise CheckpointError(f"tensor {key!r} in {path} has unsupported dtype {info.get('dtype')!r}")
+        end = max(end, int(info.get("data_offsets", (0, 0))[1]))
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: its header describes {8 + n + end} bytes but the file has "
+                              f"{size}; download it again")
     return header, 8 + n

@@ -7,6 +7,7 @@ keep only the projector) can come from a separate CLIP folder (`--clip_dir`).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -68,18 +69,56 @@ def _prefixed(rules, target_prefix: str, source_prefix: str):
     return [TensorRule(target_prefix + r.target, source_prefix + r.source, r.layout) for r in rules]
 
 
-def exo2ego_config_from_hf(hf: dict, *, mapper_width: int = 256, mapper_blocks: int = 9, scan_layers: bool = True,
-                           fusion: str = "tokens"):
+def local_tower(hf: dict, hf_dir: str) -> str | None:
+    """The folder `mm_vision_tower` names, when it is a local one with a config.json (VideoLLaMA2's training code
+    records the path it loaded the tower from): as given, or relative to the checkpoint folder."""
+    name = hf.get("mm_vision_tower")
+    if not isinstance(name, str) or not name:
+        return None
+    for candidate in (name, os.path.join(hf_dir, name)):
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return candidate
+    return None
+
+
+def _read_tower_config(folder: str, why: str) -> dict:
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"the CLIP config of {why} ({folder}/config.json) cannot be read: {e}") from e
+
+
+def tower_config(hf: dict, hf_dir: str, *, clip_dir: str | None, scan_layers: bool) -> tuple[CLIPVisionConfig, str]:
+    """The tower's architecture and where it came from: --clip_dir, the checkpoint's `vision_config`, the local
+    `mm_vision_tower` folder, or CLIP ViT-L/14-336 (what VideoLLaMA2 releases name on the hub)."""
+    select = hf.get("mm_vision_select_layer", -2)
+    if clip_dir:
+        source, hf_clip = f"--clip_dir {clip_dir}", _read_tower_config(clip_dir, "--clip_dir")
+    elif "vision_config" in hf:
+        source, hf_clip = "config.json's vision_config", hf["vision_config"]
+    elif local_tower(hf, hf_dir):
+        folder = local_tower(hf, hf_dir)
+        source, hf_clip = f"mm_vision_tower {folder}", _read_tower_config(folder, "mm_vision_tower")
+    else:
+        return CLIPVisionConfig(select_layer=select, scan_layers=scan_layers), "CLIP ViT-L/14-336 (the default)"
+    try:
+        return CLIPVisionConfig.from_hf(hf_clip, select_layer=select, scan_layers=scan_layers), source
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"the tower config from {source} cannot be used: {e}") from e
+
+
+def exo2ego_config_from_hf(hf: dict, hf_dir: str = "", *, clip_dir: str | None = None, mapper_width: int = 256,
+                           mapper_blocks: int = 9, scan_layers: bool = True, fusion: str = "none"):
+    """The composite for a VideoLLaMA2 checkpoint. Its fusion is "none": until stage 3 trains F, the model is
+    VideoLLaMA2 (F and G are fresh)."""
     projector = hf.get("mm_projector_type", "stc_connector")
     if projector not in PROJECTOR_TYPES:
         raise CheckpointError(f"mm_projector_type {projector!r} is not supported; known: {sorted(PROJECTOR_TYPES)}")
-    select = hf.get("mm_vision_select_layer", -2)
-    if "vision_config" in hf:  # the tower's own config, when the checkpoint carries one (tests, custom towers)
-        clip = CLIPVisionConfig.from_hf(hf["vision_config"], select_layer=select, scan_layers=scan_layers)
-    else:  # VideoLLaMA2 releases: openai/clip-vit-large-patch14-336
-        clip = CLIPVisionConfig(select_layer=select, scan_layers=scan_layers)
+    clip, source = tower_config(hf, hf_dir, clip_dir=clip_dir, scan_layers=scan_layers)
     if hf.get("mm_hidden_size", clip.hidden_size) != clip.hidden_size:
-        raise CheckpointError(f"mm_hidden_size {hf['mm_hidden_size']} does not match the CLIP width {clip.hidden_size}")
+        raise CheckpointError(f"mm_hidden_size {hf['mm_hidden_size']} does not match the width {clip.hidden_size} of "
+                              f"the tower from {source}; pass the tower's folder with --clip_dir")
     llm = MistralConfig.from_hf(hf, scan_layers=scan_layers)
     stc = STCConfig(encoder_hidden_size=clip.hidden_size, hidden_size=llm.hidden_size,
                     variant=PROJECTOR_TYPES[projector])
@@ -116,17 +155,23 @@ def convert_videollama2(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", s
                         show_progress: bool = True) -> dict:
     hf = read_hf_config(hf_dir)
     try:
-        config = exo2ego_config_from_hf(hf, mapper_width=mapper_width, mapper_blocks=mapper_blocks,
-                                        scan_layers=scan_layers)
+        config = exo2ego_config_from_hf(hf, hf_dir, clip_dir=clip_dir, mapper_width=mapper_width,
+                                        mapper_blocks=mapper_blocks, scan_layers=scan_layers)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"config.json in {hf_dir!r} cannot be used for a VideoLLaMA2 conversion: {e}") from e
     primary = SafetensorsCheckpoint(hf_dir)
+    if not clip_dir and TOWER_PREFIX + _clip.ANCHOR not in primary and local_tower(hf, hf_dir):
+        clip_dir = local_tower(hf, hf_dir)  # no tower in the checkpoint: the weights of the folder it names
     ckpt = MultiCheckpoint(primary, clip=SafetensorsCheckpoint(clip_dir)) if clip_dir else primary
 
     if clip_dir:
         tower = detect_prefix(ckpt, _clip.ANCHOR, ["clip::" + p for p in _clip.PREFIXES])
+    elif TOWER_PREFIX + _clip.ANCHOR in ckpt:
+        tower = TOWER_PREFIX
     else:
-        tower = detect_prefix(ckpt, _clip.ANCHOR, [TOWER_PREFIX])
+        raise CheckpointError(f"{hf_dir!r} holds no CLIP tower (no {TOWER_PREFIX}* tensors) and its mm_vision_tower "
+                              f"{hf.get('mm_vision_tower')!r} is not a local folder: pass the tower's folder with "
+                              "--clip_dir")
     clip_rules = _clip.clip_rules()
     rules = (_prefixed(clip_rules, "ego_encoder/", tower) + _prefixed(clip_rules, "exo_encoder/", tower)
              + _prefixed(_mistral.mistral_rules(), "llm/", ""))

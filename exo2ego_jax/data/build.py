@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from exo2ego_jax.data import ego_exo4d, egoit, synthetic
 from exo2ego_jax.data.builders import build_ego_exo_clip, build_ego_it, format_summary
 from exo2ego_jax.data.skips import SkipLog
-from exo2ego_jax.errors import DataError
+from exo2ego_jax.errors import run_cli
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -92,8 +92,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))

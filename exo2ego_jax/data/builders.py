@@ -26,6 +26,7 @@ from exo2ego_jax.data.records import make_record, write_records
 from exo2ego_jax.data.skips import SkipLog
 from exo2ego_jax.data.video import read_clip, safe_join
 from exo2ego_jax.errors import DataError
+from exo2ego_jax.locks import FolderLock
 
 
 @dataclasses.dataclass
@@ -46,8 +47,8 @@ def decode_narration(item: ego_exo4d.Narration, *, root: str, num_frames: int, s
     """One narration -> one record per exo camera (the ego clip is decoded once and shared)."""
     try:
         ego, meta = _read(root, item.ego_video, num_frames, item.start, item.end, store_size)
-    except DataError as e:
-        return Decoded([], [(e.reason, f"{item.uid} ego: {e}")])
+    except DataError as e:  # every record of this narration (one per exo camera) is lost: count each
+        return Decoded([], [(e.reason, f"{item.uid}_{cam} (ego): {e}") for cam, _ in item.exo_videos])
     out = Decoded([], [], meta["padded"])
     for cam, path in item.exo_videos:
         try:
@@ -63,13 +64,16 @@ def decode_narration(item: ego_exo4d.Narration, *, root: str, num_frames: int, s
 
 
 def decode_sample(item: egoit.Sample, *, root: str, num_frames: int, store_size: int, split: str) -> Decoded:
+    """One conversation -> one record (with the synchronised exo clip when the item names one)."""
     try:
         ego, meta = _read(root, item.video, num_frames, item.start, item.end, store_size)
+        exo, exo_meta = (None, {"padded": 0}) if item.exo_video is None else _read(
+            root, item.exo_video, num_frames, item.start, item.end, store_size)
     except DataError as e:
         return Decoded([], [(e.reason, f"{item.uid}: {e}")])
-    record = make_record(ego_frames=ego, conversations=item.conversation_json(), source=item.source, uid=item.uid,
-                         start=item.start or 0.0, end=item.end or 0.0)
-    return Decoded([(split, record)], [], meta["padded"])
+    record = make_record(ego_frames=ego, exo_frames=exo, conversations=item.conversation_json(), source=item.source,
+                         uid=item.uid, start=item.start or 0.0, end=item.end or 0.0)
+    return Decoded([(split, record)], [], meta["padded"] + exo_meta["padded"])
 
 
 # ------------------------------------------------------------------------------------------------- engine
@@ -89,13 +93,44 @@ def _progress(total: int, desc: str, enabled: bool):
 def build_dataset(name: str, units: Sequence, decode: Callable[..., Decoded], out: str, *, settings: dict,
                   planning_skips: SkipLog | None = None, workers: int = 0, chunk_size: int = 16,
                   show_progress: bool = True, restart: bool = False, keep_work: bool = False,
-                  description: str = "") -> dict:
-    """Decode `units` in resumable chunks, write the records, and return the summary dict."""
+                  description: str = "", splits_expected: Sequence[str] = ()) -> dict:
+    """Decode `units` in resumable chunks, write the records, and return the summary dict. Expected splits that
+    end up without a record are reported in the summary (`empty_splits`) and printed."""
     if not units:
         raise DataError(f"{name}: nothing to build (0 usable items); the summary of skips: "
                         f"{(planning_skips or SkipLog()).as_dict()}")
+    with FolderLock(os.path.join(out, ".locks", name), what=f"records build {name!r} in"):
+        return _build_locked(name, units, decode, out, settings=settings, planning_skips=planning_skips,
+                             workers=workers, chunk_size=chunk_size, show_progress=show_progress, restart=restart,
+                             keep_work=keep_work, description=description, splits_expected=splits_expected)
+
+
+def _finished_build(final: str, plan: str, settings: dict, restart: bool) -> dict | None:
+    """The summary of a finished build of the same plan (nothing to do), or None; a finished build of another
+    plan is refused unless `restart` (it would be deleted)."""
+    summary_path = os.path.join(final, "build_summary.json")
+    if restart or not os.path.exists(summary_path):
+        return None
+    with open(summary_path) as f:
+        previous = json.load(f)
+    if previous.get("plan") == plan:
+        return previous
+    changed = sorted(k for k in set(settings) | set(previous.get("settings", {}))
+                     if json.dumps(settings.get(k), default=str) != json.dumps(previous.get("settings", {}).get(k),
+                                                                            default=str))
+    raise DataError(f"{final} holds a finished build of another plan (differs in: {', '.join(changed) or 'the items'}); "
+                    "pass --restart to replace it, or choose another --out")
+
+
+def _build_locked(name, units, decode, out, *, settings, planning_skips, workers, chunk_size, show_progress, restart,
+                  keep_work, description, splits_expected) -> dict:
     work = os.path.join(out, ".work", name)
     plan = _plan_hash(units, settings)
+    final = os.path.join(out, name)
+    done = _finished_build(final, plan, settings, restart)
+    if done is not None:
+        print(f"{name}: {final} is already built from this plan; nothing to do (--restart rebuilds it)", flush=True)
+        return done
     plan_file = os.path.join(work, "plan.json")
     if os.path.exists(plan_file) and not restart:
         with open(plan_file) as f:
@@ -135,7 +170,7 @@ def build_dataset(name: str, units: Sequence, decode: Callable[..., Decoded], ou
     skips = SkipLog()
     if planning_skips:
         skips.merge(planning_skips)
-    splits, padded = {}, 0
+    written, padded = {}, 0
     for c in range(len(chunks)):
         with open(chunk_path(c), "rb") as f:
             for result in pickle.load(f):
@@ -143,8 +178,8 @@ def build_dataset(name: str, units: Sequence, decode: Callable[..., Decoded], ou
                 for reason, detail in result.skips:
                     skips.skip(reason, detail)
                 for split, _ in result.records:
-                    splits[split] = splits.get(split, 0) + 1
-    if not splits:
+                    written[split] = written.get(split, 0) + 1
+    if not written:
         raise DataError(f"{name}: every item was skipped; see the reasons: {skips.as_dict()}")
 
     def records_of(split):
@@ -157,11 +192,11 @@ def build_dataset(name: str, units: Sequence, decode: Callable[..., Decoded], ou
 
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
-    final = os.path.join(out, name)
     if os.path.exists(final):
-        shutil.rmtree(final)  # a previous complete build of this name is replaced
-    path = write_records(out, name, {s: records_of(s) for s in sorted(splits)}, description=description)
-    summary = {"name": name, "path": path, "written": splits, "units": len(units),
+        shutil.rmtree(final)  # --restart, or a build that never finished: replaced
+    path = write_records(out, name, {s: records_of(s) for s in sorted(written)}, description=description)
+    empty = sorted(set(splits_expected) - set(written))
+    summary = {"name": name, "path": path, "plan": plan, "written": written, "empty_splits": empty, "units": len(units),
                "skipped": skips.as_dict(), "skipped_total": skips.total, "padded_frames": padded,
                "decode_seconds": round(decode_seconds, 2), "settings": settings}
     with open(os.path.join(final, "build_summary.json"), "w") as f:
@@ -176,7 +211,9 @@ def build_dataset(name: str, units: Sequence, decode: Callable[..., Decoded], ou
 def format_summary(summary: dict) -> str:
     lines = [f"{summary['name']}: wrote {sum(summary['written'].values())} records to {summary['path']}"]
     lines += [f"  {split}: {n}" for split, n in sorted(summary["written"].items())]
-    lines.append(f"  skipped: {summary['skipped_total']}")
+    lines += [f"  {split}: 0 records (its annotations are empty or every item was skipped)"
+              for split in summary.get("empty_splits", [])]
+    lines.append(f"  skipped (planned items and decoded records): {summary['skipped_total']}")
     lines += [f"    {reason}: {v['count']}  (e.g. {v['examples'][0] if v['examples'] else ''})"
               for reason, v in summary["skipped"].items()]
     if summary["padded_frames"]:
@@ -197,6 +234,7 @@ def build_ego_exo_clip(src: str, out: str, *, num_frames: int = 16, store_size: 
                     filters=dataclasses.asdict(filters), video_subdir=video_subdir, splits=list(splits))
     decode = functools.partial(decode_narration, root=src, num_frames=num_frames, store_size=store_size)
     return build_dataset("ego_exo_clip", units, decode, out, settings=settings, planning_skips=skips,
+                         splits_expected=splits,
                          description="Ego-ExoClip: synchronised ego/exo clips of Ego-Exo4D atomic descriptions",
                          **engine)
 
@@ -212,4 +250,5 @@ def build_ego_it(json_paths: Sequence[str], video_root: str, out: str, *, split:
     decode = functools.partial(decode_sample, root=video_root, num_frames=num_frames, store_size=store_size,
                                split=split)
     return build_dataset(name, units, decode, out, settings=settings, planning_skips=skips,
-                         description="EgoIT: egocentric instruction-tuning conversations", **engine)
+                         splits_expected=(split,), description="EgoIT: egocentric instruction-tuning conversations",
+                         **engine)

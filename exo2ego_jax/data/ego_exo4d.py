@@ -119,9 +119,9 @@ def plan_narrations(root: str, *, splits: Sequence[str] = ("train", "val"), alph
                     skips.skip("rejected annotation pass", f"{take_uid}/{ann.get('annotation_uid', a)}")
                     continue
                 passes.append((split, take_uid, str(ann.get("annotation_uid", a)), ann.get("descriptions") or []))
-    gaps = [g for *_, d in passes if (g := mean_gap([x["timestamp"] for x in d if "timestamp" in x])) is not None]
-    default_beta = sum(gaps) / len(gaps) if gaps else alpha  # single-description passes: the mean beta
-    out = []
+    # Filter the narrations first: a pass's mean gap beta comes from its valid timestamps only (one past the end
+    # of the take must not widen the other windows).
+    kept_passes = []  # (split, take_uid, ann_uid, take, ego, exo, [(k, description)], [valid times])
     for split, take_uid, ann_uid, descriptions in passes:
         take = takes.get(take_uid)
         if take is None:
@@ -132,38 +132,52 @@ def plan_narrations(root: str, *, splits: Sequence[str] = ("train", "val"), alph
             skips.skip("take without an ego rgb stream or exo cameras", take_uid)
             continue
         duration = float(take.get("duration_sec") or 0.0)
-        beta = mean_gap([d["timestamp"] for d in descriptions if "timestamp" in d]) or default_beta
-        best = str(take.get("best_exo") or "")
+        kept, times = [], []
         for k, d in enumerate(sorted(descriptions, key=lambda d: d.get("timestamp", -1.0))):
-            where = f"{take_uid}/{ann_uid}/{k}"
-            if "timestamp" not in d or "text" not in d:
-                skips.skip("description without timestamp or text", where)
-                continue
-            if filters.drop_unsure and to_bool(d.get("unsure", False), field="unsure"):
-                skips.skip("unsure description", where)
-                continue
-            subject = d.get("narration_subject", d.get("subject", ""))
-            if filters.subject and subject != filters.subject:
-                skips.skip(f"narration subject is not {filters.subject}", where)
-                continue
-            if filters.require_ego_visible and not to_bool(d.get("ego_visible", True), field="ego_visible"):
-                skips.skip("ego not visible", where)
-                continue
+            reason = _drop_reason(d, filters, duration)
+            if reason:
+                skips.skip(reason[0], f"{take_uid}/{ann_uid}/{k}{reason[1]}")
+            else:
+                kept.append((k, d))
+            # β is the pass's narration density: every description with a valid time marks it, also those the
+            # content filters drop (an unsure one); a missing or out-of-take time does not
+            if reason is None or not reason[0].startswith(("description without", "timestamp outside")):
+                times.append(float(d["timestamp"]))
+        kept_passes.append((split, take_uid, ann_uid, take, ego, exo, kept, times))
+    gaps = [g for *_, times in kept_passes if (g := mean_gap(times)) is not None]
+    default_beta = sum(gaps) / len(gaps) if gaps else alpha  # single-narration passes: the mean beta
+    out = []
+    for split, take_uid, ann_uid, take, ego, exo, kept, times in kept_passes:
+        duration = float(take.get("duration_sec") or 0.0)
+        beta = mean_gap(times) or default_beta
+        best = str(take.get("best_exo") or "")
+        for k, d in kept:
             t = float(d["timestamp"])
             start, end = egoclip_window(t, beta, alpha)
-            if duration > 0:
-                if t < 0 or t > duration:
-                    skips.skip("timestamp outside the take", f"{where}: t={t:.2f} s, duration {duration:.2f} s")
-                    continue
-                start, end = max(0.0, start), min(duration, end)
-            else:
-                start = max(0.0, start)
+            start, end = (max(0.0, start), min(duration, end)) if duration > 0 else (max(0.0, start), end)
             desc_best = (d.get("best_exo") or {}).get("cam_id") or best
             views = tuple((cam, path) for cam, path in exo if not filters.best_exo_only or cam == desc_best)
             if not views:
-                skips.skip("best exo camera has no video", where)
+                skips.skip("best exo camera has no video", f"{take_uid}/{ann_uid}/{k}")
                 continue
             out.append(Narration(uid=f"{take_uid}_{ann_uid}_{k}", take_uid=take_uid, text=str(d["text"]).strip(),
                                  t=t, start=start, end=end, ego_video=ego, exo_videos=views, best_exo=desc_best,
                                  split=split))
     return out
+
+
+def _drop_reason(d: dict, filters: Filters, duration: float) -> tuple[str, str] | None:
+    """(skip reason, detail) when a description is not used, else None."""
+    if "timestamp" not in d or "text" not in d:
+        return "description without timestamp or text", ""
+    if filters.drop_unsure and to_bool(d.get("unsure", False), field="unsure"):
+        return "unsure description", ""
+    subject = d.get("narration_subject", d.get("subject", ""))
+    if filters.subject and subject != filters.subject:
+        return f"narration subject is not {filters.subject}", ""
+    if filters.require_ego_visible and not to_bool(d.get("ego_visible", True), field="ego_visible"):
+        return "ego not visible", ""
+    t = float(d["timestamp"])
+    if duration > 0 and (t < 0 or t > duration):
+        return "timestamp outside the take", f": t={t:.2f} s, duration {duration:.2f} s"
+    return None

@@ -31,6 +31,7 @@ class Sample:
     start: float | None
     end: float | None
     source: str
+    exo_video: str | None = None  # a synchronised exocentric clip of the same moment, when there is one
 
     def conversation_json(self) -> str:
         return json.dumps([{"from": f, "value": v} for f, v in self.conversations], ensure_ascii=False)
@@ -74,8 +75,10 @@ def load_conversations(path: str, *, skips: SkipLog | None = None, source: str =
             skips.skip("end <= start", f"{where}: [{start}, {end}]")
             continue
         turns = tuple((str(t["from"]), str(t["value"])) for t in item["conversations"])
+        exo = item.get("exo_video")
         out.append(Sample(uid=str(item.get("id", f"{tag}_{i}")), video=str(video), conversations=turns,
-                          start=start, end=end, source=str(item.get("source", tag))))
+                          start=start, end=end, source=str(item.get("source", tag)),
+                          exo_video=None if exo is None else str(exo)))
     return out
 
 

@@ -49,9 +49,10 @@ class ToExample:
     process (Grain workers unpickle this object; tokenizers are not shipped between processes)."""
 
     def __init__(self, tokenizer_dir: str, *, seq_len: int, image_size: int, num_frames: int, aspect: str,
-                 views: Sequence[str], system_prompt: str | None = template.SYSTEM_PROMPT):
+                 views: Sequence[str], system_prompt: str | None = template.SYSTEM_PROMPT, swap_views: bool = False):
         self.tokenizer_dir, self.seq_len, self.image_size = tokenizer_dir, seq_len, image_size
         self.num_frames, self.aspect, self.views, self.system_prompt = num_frames, aspect, tuple(views), system_prompt
+        self.swap_views = swap_views
         self._tokenizer = None
         self._empty = 0  # samples whose answer truncation removed (counted per process)
 
@@ -85,10 +86,12 @@ class ToExample:
             self._warn_empty(uid)
         out = {"input_ids": tok.input_ids, "labels": tok.labels}
         for view in self.views:
-            frames = record[f"{view}_frames"]
+            stored = {"ego": "exo", "exo": "ego"}[view] if self.swap_views else view
+            frames = record[f"{stored}_frames"]
             if frames.shape[0] == 0:
-                raise DataError(f"record {uid!r} has no {view} frames but this stage needs the {view} view; train "
-                                 f"this stage on synchronised ego-exo records (data.source='ego_exo_clip')")
+                raise DataError(f"record {uid!r} has no {stored} frames but this stage needs them for its {view} "
+                                f"input; train it on synchronised ego-exo records (data.source='ego_exo_clip', or "
+                                "EgoIT built from items with an `exo_video`)")
             if frames.shape[0] != self.num_frames:
                 raise DataError(f"record {uid!r} has {frames.shape[0]} frames, the model takes {self.num_frames}; "
                                  f"rebuild the records with --num_frames {self.num_frames}")
@@ -202,7 +205,9 @@ def _mark_flags_parsed() -> None:
 def make_iterator(data, *, split: str, tokenizer_dir: str, views: Sequence[str], image_size: int,
                   num_frames: int, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1):
     """The batch iterator over record split `split` ("train" or "eval") for the `data` config section
-    (source, root, split, eval_split, seq_len, aspect, text_buckets, worker_count, shuffle).
+    (source, root, split, eval_split, seq_len, aspect, text_buckets, worker_count, shuffle, swap_views:
+    the exo camera's frames where the model takes the ego view and the other way round, the exo_oracle
+    diagnostic).
 
     `views` ("ego", "exo" or both) are the frames each example carries; `tokenizer_dir` holds the tokenizer
     (the caller resolves it: data.tokenizer, the init checkpoint or the previous stage's export).
@@ -211,7 +216,7 @@ def make_iterator(data, *, split: str, tokenizer_dir: str, views: Sequence[str],
     source = open_records(dataset_root(data.root, data.source), record_split)
     pad_id = load_tokenizer(tokenizer_dir).pad_token_id
     to_example = ToExample(tokenizer_dir, seq_len=data.seq_len, image_size=image_size, num_frames=num_frames,
-                           aspect=data.aspect, views=views)
+                           aspect=data.aspect, views=views, swap_views=bool(data.swap_views))
     return GrainBatchIterator(source, to_example, global_batch=global_batch, seed=seed,
                               shuffle=bool(data.shuffle) and split == "train", process_index=process_index,
                               process_count=process_count, worker_count=data.worker_count,

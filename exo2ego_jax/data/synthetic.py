@@ -1,14 +1,23 @@
 """The synthetic ego-exo dataset: rendered takes written in the real formats, then built by the real builders.
 
-Deterministic from a seed. Each take is a tabletop scene with coloured objects; an actor performs a sequence
-of actions (lift, push left/right, shake) on them. Every frame is rendered at the same instant by three
-cameras that look at one scene function:
-  * `aria01` (ego): a zoomed first-person view that follows the actor's hand and sways as the head moves;
-  * `cam01`, `cam02` (exo): fixed third-person views of the whole table (cam02 from the other side).
-The output is a miniature Ego-Exo4D download (`takes.json`, `annotations/atomic_descriptions_{train,val}.json`,
-frame-aligned MP4s) plus EgoIT conversation JSON and held-out multiple-choice items, so the demo and the tests
-go through exactly the code real data goes through: `build` runs `build_ego_exo_clip` and `build_ego_it`.
-Narrations come from a small grammar ("C lifts the red cube").
+Deterministic from a seed. Each take is a tabletop with a coloured object (a cube or a ball); the camera wearer
+performs a sequence of actions on it (lift, push left, push right, shake). Every frame is rendered at the same instant
+by three cameras looking at one scene function:
+  * `aria01` (ego): a zoomed first-person view of the hand and the lower part of the object it holds. The
+    wearer's gaze follows the object as it moves, so the object stays near the centre of the ego view: only a
+    fraction `ego_cue` (2%) of its motion shows, far below the head sway, over a uniform tabletop.
+    Which way a push goes, and whether the object is lifted, pushed or shaken, is ambiguous in the ego view.
+  * `cam01`, `cam02` (exo): fixed third-person views of the table around the object (cam02 further back),
+    where its motion shows in full.
+The questions ask what the wearer does with the object (the four actions on it are the options), so they
+need what the exo views show and the ego view hides: an `exo_oracle` that sees cam01 at test time is the
+upper reference, an ego-only model the lower one.
+
+The output is a miniature Ego-Exo4D download (`takes.json`, `annotations/atomic_descriptions_{train,val,test}
+.json`, frame-aligned MP4s) plus EgoIT conversation JSON (train takes) and four-option questions for the
+validation takes (`mcq_val.json`, for choosing settings) and the held-out test takes (`mcq_test.json`, for
+reporting only). Items carry the ego clip (`video`) and the synchronised cam01 clip (`exo_video`). `build`
+runs the real builders on it. Narrations come from a small grammar ("C lifts the red cube").
 """
 from __future__ import annotations
 
@@ -33,23 +42,39 @@ FPS = 30
 MC_QUESTION = "What does the camera wearer do in this video?"
 
 
+SPLITS = ("train", "val", "test")
+
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
     train_takes: int
-    val_takes: int
+    val_takes: int       # questions for choosing settings (mcq_val.json)
+    test_takes: int      # held-out questions for reporting (mcq_test.json)
     actions_per_take: int
     action_seconds: float
     width: int
     height: int
-    num_frames: int     # frames per record (the model's num_frames)
-    store_size: int     # short side of stored frames (the model's image size)
+    num_frames: int      # frames per record (the model's num_frames)
+    store_size: int      # short side of stored frames (the model's image size)
+    # Fraction of the object's motion left in the ego view (the gaze follows the rest). At 0.1 the ego-only
+    # baseline answered 54% of the validation questions and the exo-view oracle 61% (seed 0): the ego view
+    # still showed too much. At 0.02 (under a pixel of drift in the demo's 32-pixel frames, well below the head
+    # sway) they answer 27.5% and 52.5%.
+    ego_cue: float = 0.02
+    # EgoClip's window scale (s) for these narrations: 1.0 makes a window span one action here (EgoClip's
+    # 4.9 s fits Ego-Exo4D's denser narrations)
+    alpha: float = 1.0
+
+    @property
+    def takes(self) -> dict[str, int]:
+        return {"train": self.train_takes, "val": self.val_takes, "test": self.test_takes}
 
 
 PRESETS = {
-    "demo": Preset(train_takes=20, val_takes=6, actions_per_take=6, action_seconds=1.0, width=64, height=48,
-                   num_frames=4, store_size=32),
-    "tests": Preset(train_takes=2, val_takes=1, actions_per_take=3, action_seconds=0.8, width=48, height=32,
-                    num_frames=4, store_size=16),
+    "demo": Preset(train_takes=40, val_takes=20, test_takes=50, actions_per_take=6, action_seconds=1.0, width=64,
+                   height=48, num_frames=4, store_size=32),
+    "tests": Preset(train_takes=2, val_takes=1, test_takes=1, actions_per_take=3, action_seconds=0.8, width=48,
+                    height=32, num_frames=4, store_size=16),
 }
 
 
@@ -79,48 +104,43 @@ def canonical(action: str, colour: str, shape: str) -> str:
 # --------------------------------------------------------------------------------------------- rendering
 
 def _objects(rng: np.random.Generator):
-    names = list(COLOURS)
-    picks = rng.permutation(len(names))[:3]
-    xs = np.array([0.25, 0.5, 0.75]) + rng.uniform(-0.04, 0.04, 3)
-    return [dict(colour=names[p], shape=SHAPES[int(rng.integers(2))], x=float(x), y=0.62) for p, x in zip(picks, xs)]
+    """The take's object: one per take, at the middle of the table (the exo cameras frame the area around it)."""
+    return [dict(colour=list(COLOURS)[int(rng.integers(len(COLOURS)))], shape=SHAPES[int(rng.integers(2))],
+                 x=float(0.5 + rng.uniform(-0.02, 0.02)), y=0.62)]
 
 
 def _offset(action: str, phase: float) -> tuple[float, float]:
     """Object displacement (dx, dy) at `phase` in [0, 1] of the action."""
     bump = np.sin(np.pi * phase)
     if action == "lifts":
-        return 0.0, -0.22 * bump
+        return 0.0, -0.25 * bump
     if action == "pushes left":
-        return -0.12 * phase, 0.0
+        return -0.16 * phase, 0.0
     if action == "pushes right":
-        return 0.12 * phase, 0.0
-    return 0.05 * np.sin(6 * np.pi * phase), 0.0  # shakes
+        return 0.16 * phase, 0.0
+    return 0.08 * np.sin(4 * np.pi * phase), 0.0  # shakes: two back-and-forths
 
 
-def _state(objects, events, t: float):
-    """Object positions, the hand position and where the wearer looks at time t (the active object is
-    displaced with the hand on it; the gaze stays on the object's resting place, so the motion shows in ego)."""
+def _state(objects, events, t: float, ego_cue: float):
+    """Object positions, the hand position and where the wearer looks at time t: the active object is
+    displaced with the hand on it, and the gaze follows all but `ego_cue` of that displacement."""
     pos = [[o["x"], o["y"]] for o in objects]
     hand = [0.5, 0.9]
     gaze = [0.5, 0.8]
     for e in events:
         if e.start <= t < e.end:  # objects return to their places between actions
             k = next(i for i, o in enumerate(objects) if o["colour"] == e.colour)
-            gaze = [pos[k][0], pos[k][1] + 0.07]
             dx, dy = _offset(e.action, (t - e.start) / (e.end - e.start))
+            gaze = [pos[k][0] + (1 - ego_cue) * dx, pos[k][1] + 0.07 + (1 - ego_cue) * dy]
             pos[k] = [pos[k][0] + dx, pos[k][1] + dy]
             hand = [pos[k][0], pos[k][1] + 0.07]
     return pos, hand, gaze
 
 
-def _paint(X, Y, objects, pos, hand, floor, mirror: bool) -> np.ndarray:
+def _paint(X, Y, objects, pos, hand, floor) -> np.ndarray:
     """Evaluate the scene on world coordinates X, Y (any camera's sampling grid) -> uint8 image."""
-    if mirror:
-        X = 1.0 - X
     img = np.empty(X.shape + (3,), np.float32)
-    img[...] = floor
-    table = Y > 0.55
-    img[table] = np.asarray(floor) * 0.75
+    img[...] = floor  # a uniform tabletop: a moving camera shows nothing against it
     for o, (x, y) in zip(objects, pos):
         if o["shape"] == "cube":
             inside = (np.abs(X - x) < 0.06) & (np.abs(Y - y) < 0.06)
@@ -133,7 +153,8 @@ def _paint(X, Y, objects, pos, hand, floor, mirror: bool) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def render_take(objects, events, duration: float, width: int, height: int, rng: np.random.Generator):
+def render_take(objects, events, duration: float, width: int, height: int, rng: np.random.Generator,
+                ego_cue: float):
     """-> {'aria01': frames, 'cam01': frames, 'cam02': frames}, uint8 [T, H, W, 3], one instant per row."""
     n = int(round(duration * FPS))
     u, v = np.meshgrid((np.arange(width) + 0.5) / width, (np.arange(height) + 0.5) / height)
@@ -142,15 +163,19 @@ def render_take(objects, events, duration: float, width: int, height: int, rng: 
     views = {k: np.empty((n, height, width, 3), np.uint8) for k in ("aria01", "cam01", "cam02")}
     for i in range(n):
         t = i / FPS
-        pos, hand, gaze = _state(objects, events, t)
-        ex, ey = u, 0.15 + 0.85 * v  # exo: the table and everything on it
-        views["cam01"][i] = _paint(ex, ey, objects, pos, hand, floor, mirror=False)
-        views["cam02"][i] = _paint(ex, ey, objects, pos, hand, floor * 0.9, mirror=True)
-        # ego: a 0.6-wide window around the gaze point, swaying with the head
+        pos, hand, gaze = _state(objects, events, t, ego_cue)
+        ex, ey = 0.22 + 0.56 * u, 0.32 + 0.56 * v * height / width  # exo: the table area around the object
+        views["cam01"][i] = _paint(ex, ey, objects, pos, hand, floor)
+        # cam02: further back, on the same side of the table (a mirrored camera would make
+        # "left" and "right" depend on which exo view a record pairs with, which no model could resolve)
+        fx, fy = 0.12 + 0.72 * u, 0.24 + 0.72 * v * height / width
+        views["cam02"][i] = _paint(fx, fy, objects, pos, hand, floor * 0.9)
+        # ego: a 0.2-wide window on the hand and the lower part of the object (the other objects stay out of
+        # it), swaying with the head by about as much as the visible part of a push
         cx = gaze[0] + 0.03 * np.sin(2 * np.pi * 0.7 * t + sway)
-        cy = gaze[1] - 0.12 + 0.02 * np.cos(2 * np.pi * 0.5 * t + sway)
-        gx, gy = cx + (u - 0.5) * 0.6, cy + (v - 0.5) * 0.6 * height / width
-        views["aria01"][i] = _paint(gx, gy, objects, pos, hand, floor, mirror=False)
+        cy = gaze[1] + 0.02 * np.cos(2 * np.pi * 0.5 * t + sway)
+        gx, gy = cx + (u - 0.5) * 0.2, cy + (v - 0.5) * 0.2 * height / width
+        views["aria01"][i] = _paint(gx, gy, objects, pos, hand, floor)
     return views
 
 
@@ -167,13 +192,11 @@ def _take_events(objects, preset: Preset, rng: random.Random) -> list[Event]:
     return events
 
 
-def _options(event: Event, objects, rng: random.Random, k: int = 4) -> tuple[list[str], int]:
-    """The canonical description of `event` and k-1 distractors (other action or other object of the take)."""
-    truth = canonical(event.action, event.colour, event.shape)
-    pool = sorted({canonical(a, o["colour"], o["shape"]) for a in ACTIONS for o in objects} - {truth})
-    options = rng.sample(pool, k - 1) + [truth]
+def _options(event: Event, rng: random.Random) -> tuple[list[str], int]:
+    """The four actions on the event's object (canonical phrasing), shuffled; and the index of the truth."""
+    options = [canonical(a, event.colour, event.shape) for a in ACTIONS]
     rng.shuffle(options)
-    return options, options.index(truth)
+    return options, options.index(canonical(event.action, event.colour, event.shape))
 
 
 def write_raw(root: str, *, seed: int = 0, preset: str | Preset = "demo") -> dict:
@@ -181,18 +204,18 @@ def write_raw(root: str, *, seed: int = 0, preset: str | Preset = "demo") -> dic
     p = PRESETS[preset] if isinstance(preset, str) else preset
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
-    takes, annotations = [], {"train": {}, "val": {}}
-    egoit_items, mcq_items = [], []
-    for k in range(p.train_takes + p.val_takes):
-        split = "train" if k < p.train_takes else "val"
+    takes, annotations = [], {split: {} for split in SPLITS}
+    egoit_items, mcq_items = [], {"val": [], "test": []}
+    splits = [split for split in SPLITS for _ in range(p.takes[split])]
+    rel = {"aria01": "frame_aligned_videos/aria01_214-1.mp4", "cam01": "frame_aligned_videos/cam01.mp4",
+           "cam02": "frame_aligned_videos/cam02.mp4"}
+    for k, split in enumerate(splits):
         take_uid = f"synth{seed:02d}-{k:04d}"
         name = f"synthetic_kitchen_{k:04d}"
         objects = _objects(nrng)
         events = _take_events(objects, p, rng)
         duration = round(events[-1].end + 0.3, 3)
-        views = render_take(objects, events, duration, p.width, p.height, nrng)
-        rel = {"aria01": "frame_aligned_videos/aria01_214-1.mp4", "cam01": "frame_aligned_videos/cam01.mp4",
-               "cam02": "frame_aligned_videos/cam02.mp4"}
+        views = render_take(objects, events, duration, p.width, p.height, nrng, p.ego_cue)
         for cam, frames in views.items():
             path = os.path.join(root, "takes", name, rel[cam])
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -212,30 +235,32 @@ def write_raw(root: str, *, seed: int = 0, preset: str | Preset = "demo") -> dic
         annotations[split][take_uid] = [{"annotation_uid": f"{take_uid}-a0", "annotator_id": "synthetic",
                                          "rejected": False, "reject_reason": None, "descriptions": descriptions}]
         ego_video = os.path.join("takes", name, rel["aria01"])
+        exo_video = os.path.join("takes", name, rel["cam01"])
         for j, e in enumerate(events):
-            options, answer = _options(e, objects, rng)
+            options, answer = _options(e, rng)
             uid = f"{take_uid}_{j}"
+            clip = {"video": ego_video, "exo_video": exo_video, "start": e.start, "end": e.end}
             if split == "train":
-                egoit_items.append({"id": f"{uid}_describe", "video": ego_video, "start": e.start, "end": e.end,
-                                    "conversations": [
-                                        {"from": "human", "value": f"{VIDEO_TOKEN}\n{MC_QUESTION}"},
-                                        {"from": "gpt", "value": canonical(e.action, e.colour, e.shape)}]})
-                egoit_items.append({"id": f"{uid}_mcq", "video": ego_video, "start": e.start, "end": e.end,
-                                    "conversations": [
-                                        {"from": "human", "value": f"{VIDEO_TOKEN}\n{mcq_prompt(MC_QUESTION, options)}"},
-                                        {"from": "gpt", "value": LETTERS[answer]}]})
+                egoit_items.append({"id": f"{uid}_describe", **clip, "conversations": [
+                    {"from": "human", "value": f"{VIDEO_TOKEN}\n{MC_QUESTION}"},
+                    {"from": "gpt", "value": canonical(e.action, e.colour, e.shape)}]})
+                egoit_items.append({"id": f"{uid}_mcq", **clip, "conversations": [
+                    {"from": "human", "value": f"{VIDEO_TOKEN}\n{mcq_prompt(MC_QUESTION, options)}"},
+                    {"from": "gpt", "value": LETTERS[answer]}]})
             else:
-                mcq_items.append({"uid": uid, "video": ego_video, "start": e.start, "end": e.end,
-                                  "question": MC_QUESTION, "options": options, "answer": answer})
+                mcq_items[split].append({"uid": uid, **clip, "question": MC_QUESTION, "options": options,
+                                         "answer": answer})
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     paths = {"root": root, "takes": os.path.join(root, "takes.json"),
-             "egoit": os.path.join(root, "egoit_synthetic.json"), "mcq": os.path.join(root, "mcq_val.json")}
+             "egoit": os.path.join(root, "egoit_synthetic.json"), "mcq_val": os.path.join(root, "mcq_val.json"),
+             "mcq_test": os.path.join(root, "mcq_test.json")}
     _dump(paths["takes"], takes)
-    for split in ("train", "val"):
+    for split in SPLITS:
         _dump(os.path.join(root, "annotations", f"atomic_descriptions_{split}.json"),
               {"annotations": annotations[split]})
     _dump(paths["egoit"], egoit_items)
-    _dump(paths["mcq"], mcq_items)
+    _dump(paths["mcq_val"], mcq_items["val"])
+    _dump(paths["mcq_test"], mcq_items["test"])
     return paths
 
 
@@ -245,27 +270,27 @@ def _dump(path: str, data) -> None:
 
 
 def corpus(root: str) -> list[str]:
-    """Every text of the raw dataset (narrations, conversations, options): the demo tokenizer's corpus."""
+    """The texts of the training takes (narrations and conversations): the demo tokenizer's corpus. The held-out
+    takes' texts stay out of it (the grammar is the same, so their words are all there)."""
     texts = []
-    for split in ("train", "val"):
-        with open(os.path.join(root, "annotations", f"atomic_descriptions_{split}.json")) as f:
-            for passes in json.load(f)["annotations"].values():
-                texts += [d["text"] for a in passes for d in a["descriptions"]]
+    with open(os.path.join(root, "annotations", "atomic_descriptions_train.json")) as f:
+        for passes in json.load(f)["annotations"].values():
+            texts += [d["text"] for a in passes for d in a["descriptions"]]
     with open(os.path.join(root, "egoit_synthetic.json")) as f:
         texts += [t["value"] for item in json.load(f) for t in item["conversations"]]
-    with open(os.path.join(root, "mcq_val.json")) as f:
-        texts += [o for item in json.load(f) for o in item["options"]]
     return texts
 
 
 def build(out: str, *, seed: int = 0, preset: str | Preset = "demo", workers: int = 0,
           show_progress: bool = True, raw_dir: str | None = None) -> list[dict]:
-    """Raw files under `out/raw` (or `raw_dir`), then `out/records/{ego_exo_clip,ego_it}` via the real builders."""
+    """Raw files under `out/raw` (or `raw_dir`), then `out/records/{ego_exo_clip,ego_it}` via the real builders
+    (Ego-ExoClip from the train and val takes; EgoIT from the train takes, with the synchronised exo clip)."""
     p = PRESETS[preset] if isinstance(preset, str) else preset
     raw = raw_dir or os.path.join(out, "raw")
     paths = write_raw(raw, seed=seed, preset=p)
     records = os.path.join(out, "records")
     engine = dict(workers=workers, show_progress=show_progress, restart=True)
-    clip = build_ego_exo_clip(raw, records, num_frames=p.num_frames, store_size=p.store_size, **engine)
+    clip = build_ego_exo_clip(raw, records, num_frames=p.num_frames, store_size=p.store_size, alpha=p.alpha,
+                              splits=("train", "val"), **engine)
     ego_it = build_ego_it([paths["egoit"]], raw, records, num_frames=p.num_frames, store_size=p.store_size, **engine)
     return [clip, ego_it]

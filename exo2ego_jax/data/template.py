@@ -13,6 +13,7 @@ Captions (clip-text pretraining, `--version plain`) are `<video>` + " " + captio
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -122,3 +123,33 @@ def prompt_ids(tokenizer, question: str, *, system: str | None = SYSTEM_PROMPT, 
     ids, _ = _tokenize_with_placeholder(tokenizer, text)
     return [tokenizer.bos_token_id] + ids
 
+
+
+# The same template as Jinja, for `tokenizer.apply_chat_template` (transformers reads `chat_template.jinja` from
+# the tokenizer folder). A leading system message replaces SYSTEM_PROMPT; an empty one drops the <<SYS>> block.
+# Training tokenises the text on its own and puts BOS in front, so the text gets SentencePiece's prefix space
+# ("▁[INST]"); apply_chat_template tokenises one string, where text right after "<s>" gets none. The explicit
+# space after BOS gives the same ids.
+CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = \"" + SYSTEM_PROMPT + "\" -%}{%- set turns = messages -%}{%- endif -%}"
+    "{{- bos_token + ' ' -}}"
+    "{%- for m in turns -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{{- '[INST] ' -}}"
+    "{%- if loop.first and system -%}{{- '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' -}}{%- endif -%}"
+    "{{- m['content'] | trim -}}{{- ' [/INST]' -}}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{{- ' ' + (m['content'] | trim) + ' </s>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def write_chat_template(directory: str) -> str:
+    path = os.path.join(directory, CHAT_TEMPLATE_FILE)
+    with open(path, "w") as f:
+        f.write(CHAT_TEMPLATE)
+    return path

@@ -108,15 +108,23 @@ def _info(container, path: str) -> VideoInfo:
 
 
 def read_clip(path: str, num_frames: int, start: float | None = None, end: float | None = None, *,
-              short_side: int | None = None) -> tuple[np.ndarray, dict]:
+              short_side: int | None = None, strict_window: bool = False) -> tuple[np.ndarray, dict]:
     """`num_frames` uint8 frames [T, H, W, 3] of [start, end] s, plus facts about the read.
 
     The returned dict has `padded` (frames missing from a truncated stream, filled with black as VideoLLaMA2
     pads short reads), `indices` and `info`. `short_side` resizes while decoding (bicubic), saving memory.
+    `strict_window` refuses a window that is empty or ends after the video (a user's window; annotation windows
+    are clamped instead).
     """
     container = _open(path)
     try:
         info = _info(container, path)
+        if strict_window and start is not None and end is not None and end <= start:
+            raise VideoError(f"window [{start}, {end}] s of {path!r} is empty: the end must be after the start",
+                             "empty window")
+        if strict_window and end is not None and end > info.duration + 1.0 / info.fps:
+            raise VideoError(f"window [{start}, {end}] s ends after the end of {path!r} ({info.duration:.3f} s); "
+                             "choose an end inside the video", "window outside the video")
         if start is not None and start >= info.duration:
             raise VideoError(f"window [{start:.3f}, {end}] s starts after the end of {path!r} "
                              f"({info.duration:.3f} s); the timestamps do not belong to this video",

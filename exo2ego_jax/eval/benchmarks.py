@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from exo2ego_jax.data.files import read_json, read_text
+from exo2ego_jax.errors import DataError
 from exo2ego_jax.eval.metrics import mir_metrics, multilabel_map
 
 # The paper's numbers (DATA_AND_BENCHMARKS §7; Avg = mean of the ten AVG_METRICS).
@@ -332,11 +333,40 @@ def egomcq_metrics(preds, items, **_) -> dict:
 
 # ------------------------------------------------------------------------------- generic MCQ (the demo's)
 
-def load_mcq_json(root: str, *, max_items: int = 0, file: str = "mcq_val.json", **_) -> list[Item]:
-    """`[{"uid", "video", "start", "end", "question", "options", "answer"}]` with videos relative to root."""
+def load_mcq_json(root: str, *, max_items: int = 0, file: str = "mcq_val.json", video_key: str = "video",
+                  **_) -> list[Item]:
+    """`[{"uid", "video", "start", "end", "question", "options", "answer"}]` with videos relative to root;
+    `video_key` picks another clip field (the synthetic items' `exo_video`). Missing fields are left empty for
+    `item_problem` to report."""
     data = read_json(os.path.join(root, file), "MCQ json")
-    return _limit([Item(r["uid"], os.path.join(root, r["video"]), r["question"], r["options"], r.get("answer"),
-                        r.get("start"), r.get("end")) for r in data], max_items)
+    if not isinstance(data, list):
+        raise DataError(f"MCQ json {os.path.join(root, file)!r} must be a list of items, got {type(data).__name__}")
+    items = []
+    for k, r in enumerate(data):
+        r = r if isinstance(r, dict) else {}
+        video = r.get(video_key)
+        items.append(Item(str(r.get("uid", f"item_{k}")), os.path.join(root, video) if isinstance(video, str) else "",
+                          str(r.get("question", "")), r.get("options"), r.get("answer"), r.get("start"), r.get("end")))
+    return _limit(items, max_items)
+
+
+def item_problem(item: Item, kind: str, root: str) -> str | None:
+    """Why an item cannot be scored (a malformed annotation), or None."""
+    if not item.video:
+        return "no video path"
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(item.video)]) != real_root:
+        return f"video path {item.video!r} is outside the data root {root!r}"
+    if kind in ("mcq", "multilabel", "retrieval"):
+        options = item.options
+        if not isinstance(options, (list, tuple)) or not options or not all(isinstance(o, str) for o in options):
+            return "no options (a non-empty list of texts)"
+    if kind == "mcq" and item.answer is not None:
+        if isinstance(item.answer, bool) or not isinstance(item.answer, (int, np.integer)):
+            return f"answer {item.answer!r} is not an option index (a 0-based integer)"
+        if not 0 <= int(item.answer) < len(item.options):
+            return f"answer index {item.answer} is outside the {len(item.options)} options"
+    return None
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from exo2ego_jax.data import prompts
 from exo2ego_jax.eval.benchmarks import (AVG_METRICS, BENCHMARKS, DATA_DIRS, PAPER, PAPER_AVG, Benchmark, Item,
-                                         average)
-from exo2ego_jax.errors import DataError
+                                         average, item_problem)
+from exo2ego_jax.errors import ConfigError, DataError
 from exo2ego_jax.eval.metrics import parse_choice
 from exo2ego_jax.serve.inference import clip_pixels, generate_answers
 from exo2ego_jax.serve.scoring import option_losses, option_rows
@@ -34,18 +34,21 @@ FALLBACKS = ("c", "wrong")
 class EvalSettings:
     mode: str = ""                 # '' = the benchmark's default
     fallback: str = "c"
-    first_person: bool = False     # the paper's first-person cue in front of every prompt
+    prompt: str = "task_first_person"  # a row of the paper's Table 10 (data/prompts.py: PROMPTS)
     max_new_tokens: int = 16       # letters (open QA uses open_max_new_tokens)
     open_max_new_tokens: int = 64
     batch_size: int = 8            # clips per generation batch / questions per scoring batch
     option_chunk: int = 16         # (question, option) rows per scoring call
     aspect: str = "crop"
+    strict: bool = False           # a malformed item is an error instead of a counted, logged skip
 
     def __post_init__(self):
         if self.mode not in ("", "generate", "loglik"):
-            raise ValueError(f"config field 'mode': {self.mode!r} is not '', 'generate' or 'loglik'")
+            raise ConfigError(f"config field 'mode': {self.mode!r} is not '', 'generate' or 'loglik'")
         if self.fallback not in FALLBACKS:
-            raise ValueError(f"config field 'fallback': {self.fallback!r} is not one of {FALLBACKS}")
+            raise ConfigError(f"config field 'fallback': {self.fallback!r} is not one of {FALLBACKS}")
+        if self.prompt not in prompts.PROMPTS:
+            raise ConfigError(f"config field 'prompt': {self.prompt!r} is not one of {prompts.PROMPTS}")
 
 
 def _pixels(model, item: Item, aspect: str) -> np.ndarray:
@@ -66,10 +69,10 @@ def predict_batch(bench: Benchmark, items: Sequence[Item], pixels: np.ndarray, m
     mode = _mode(bench, settings)
     if mode == "generate":
         if bench.kind == "open":
-            texts = [prompts.with_cue(i.question, settings.first_person) for i in items]
+            texts = [prompts.with_prompt(i.question, settings.prompt) for i in items]
             answers = generate_answers(model, list(pixels), texts, max_new_tokens=settings.open_max_new_tokens)
             return [{"uid": i.uid, "pred": a, "mode": mode} for i, a in zip(items, answers)]
-        texts = [prompts.mcq_prompt(i.question, i.options, style=bench.style, first_person=settings.first_person)
+        texts = [prompts.mcq_prompt(i.question, i.options, style=bench.style, prompt=settings.prompt)
                  for i in items]
         answers = generate_answers(model, list(pixels), texts, max_new_tokens=settings.max_new_tokens)
         out = []
@@ -82,7 +85,7 @@ def predict_batch(bench: Benchmark, items: Sequence[Item], pixels: np.ndarray, m
         return out
     prompt_rows, option_ids = [], []
     for i in items:
-        p, o = option_rows(model.tokenizer, prompts.with_cue(i.question, settings.first_person), i.options)
+        p, o = option_rows(model.tokenizer, prompts.with_prompt(i.question, settings.prompt), i.options)
         prompt_rows.append(p)
         option_ids.append(o)
     losses = option_losses(model.module, model.params, prompt_rows, option_ids, pixels=pixels,
@@ -115,7 +118,7 @@ def run_benchmark(name: str, data_root: str, model, out_dir: str, *, settings: E
                   show_progress: bool = True, items: list | None = None) -> dict:
     """Predict every item not yet in `out_dir/name/predictions.jsonl`, then compute the metrics."""
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
+        raise ConfigError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
     bench = BENCHMARKS[name]
     if items is None:
         opts = dict(load_options or {})
@@ -130,6 +133,18 @@ def run_benchmark(name: str, data_root: str, model, out_dir: str, *, settings: E
     with open(pred_path, "w") as f:  # rewrite without a line an interruption cut short, then append
         f.writelines(json.dumps(r) + "\n" for r in records.values())
     todo = [i for i in items if i.uid not in records]
+    bad = {i.uid: p for i in todo if (p := item_problem(i, bench.kind, data_root))}
+    if bad and settings.strict:
+        uid, problem = next(iter(bad.items()))
+        raise DataError(f"{name} item {uid}: {problem} ({len(bad)} malformed item(s)); fix the annotations or run "
+                        "without --strict to skip them")
+    for uid, problem in bad.items():
+        records[uid] = {"uid": uid, "skipped": f"malformed item: {problem}"}
+        log.warning("%s: skipped %s: %s", name, uid, problem)
+    if bad:
+        with open(pred_path, "a") as f:
+            f.writelines(json.dumps(records[uid]) + "\n" for uid in bad)
+        todo = [i for i in todo if i.uid not in bad]
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=name, unit="item", disable=not show_progress)
     with open(pred_path, "a") as f:
         for start in range(0, len(todo), settings.batch_size):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from exo2ego_jax.errors import check_choice
-from exo2ego_jax.models.layers import ATTENTION_IMPLS, constrain, even_length_attention, run_layers, tag
+from exo2ego_jax.models.layers import ATTENTION_IMPLS, constrain, dot_product_attention, run_layers, tag
 
 SELECT_FEATURES = ("patch", "cls_patch")
 HIDDEN = ("activation_batch", "activation_length", "activation_embed")  # frames are the batch
@@ -103,7 +103,7 @@ class CLIPAttention(nn.Module):
         q = tag(split(_dense(cfg, cfg.hidden_size, ("embed", "heads"), "q_proj")(x)), "query_proj")
         k = tag(split(_dense(cfg, cfg.hidden_size, ("embed", "heads"), "k_proj")(x)), "key_proj")
         v = tag(split(_dense(cfg, cfg.hidden_size, ("embed", "heads"), "v_proj")(x)), "value_proj")
-        out = constrain(even_length_attention(q, k, v, impl=cfg.attention_impl), heads)
+        out = constrain(dot_product_attention(q, k, v, impl=cfg.attention_impl), heads)
         out = tag(out.reshape(*out.shape[:-2], cfg.hidden_size), "attention_out")
         return _dense(cfg, cfg.hidden_size, ("heads", "embed"), "out_proj")(out)
 

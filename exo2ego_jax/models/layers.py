@@ -55,32 +55,26 @@ def dot_product_attention(query, key, value, *, impl: str, mask=None, is_causal:
     `impl='xla'` takes any boolean `mask` ([B, 1|N, T, S]); `impl='cudnn'` runs the cuDNN flash kernel and
     expresses masking as causal + right-padding lengths + a local window, which is all that kernel supports.
     Softmax statistics are float32 in both (the XLA path accumulates logits in float32).
+
+    jax 0.10.2's cuDNN path rejects an odd training length ("Unsupported sequence length": CLIP's 577 = 24 x 24
+    + 1 tokens, or an unbucketed text): one padded position, masked out as a key through the per-sequence key
+    lengths and dropped as a query, gives the same result.
     """
     if impl == "cudnn":
         if mask is not None:
             raise ValueError("attention_impl='cudnn' takes kv_lengths/is_causal/local_window, not a dense mask")
+        b, t = query.shape[:2]
+        if t % 2 and key.shape[1] == t:
+            pad = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))
+            lengths = kv_lengths if kv_lengths is not None else jnp.full((b,), t, jnp.int32)
+            out = dot_product_attention(pad(query), pad(key), pad(value), impl="cudnn", is_causal=is_causal,
+                                        kv_lengths=lengths, local_window=local_window)
+            return out[:, :t]
         window = None if local_window is None else (local_window - 1, 0)
         return jax.nn.dot_product_attention(
             query, key, value, is_causal=is_causal, key_value_seq_lengths=kv_lengths,
             local_window_size=window, implementation="cudnn")
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
-
-
-def even_length_attention(query, key, value, *, impl: str):
-    """Bidirectional attention over all T positions, computed on an even length.
-
-    jax 0.10.2's cuDNN path treats the absent bias as present and then rejects an odd training length (CLIP's
-    577 = 24 x 24 + 1 tokens: "Unsupported sequence length"). One padded position, masked out as a key through
-    the per-sequence key length and dropped as a query, gives the same result on both implementations.
-    """
-    b, t = query.shape[:2]
-    if t % 2 == 0 or impl != "cudnn":
-        return dot_product_attention(query, key, value, impl=impl)
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))
-    lengths = jnp.full((b,), t, jnp.int32)
-    out = jax.nn.dot_product_attention(pad(query), pad(key), pad(value), key_value_seq_lengths=lengths,
-                                       implementation="cudnn")
-    return out[:, :t]
 
 
 def run_layers(layer_cls: type[nn.Module], layer_kwargs: dict, carry, layer_args: tuple, *,

@@ -41,19 +41,23 @@ class LoadedModel:
         return self.config.clip.image_size
 
 
-def load_model(checkpoint: str, *, dtype=None) -> LoadedModel:
-    module, params = load_pretrained(checkpoint, dtype=dtype)
+def load_model(checkpoint: str, *, dtype=None, fusion: str | None = None) -> LoadedModel:
+    """The checkpoint's model, params and tokenizer. The model feeds its LLM with the fusion recorded in the
+    checkpoint (the one it was trained with); `fusion` overrides it ("none": x only, "tokens", "frames")."""
+    overrides = {"fusion": fusion} if fusion else {}
+    module, params = load_pretrained(checkpoint, dtype=dtype, **overrides)
     return LoadedModel(module, params, load_tokenizer(checkpoint), checkpoint)
 
 
 def clip_pixels(video: str, num_frames: int, image_size: int, *, start: float | None = None,
                 end: float | None = None, frame_indices: Sequence[int] | None = None, aspect: str = "crop",
-                dtype=np.float32) -> np.ndarray:
-    """Normalised pixels [T, S, S, 3] for a clip: a video file and window, or explicit frame indices."""
+                dtype=np.float32, strict_window: bool = False) -> np.ndarray:
+    """Normalised pixels [T, S, S, 3] for a clip: a video file and window, or explicit frame indices.
+    `strict_window` refuses a window past the video's end (a user's window) instead of clamping it."""
     if frame_indices is not None:
         frames = read_frames_at(video, frame_indices)
     else:
-        frames, _ = read_clip(video, num_frames, start, end)
+        frames, _ = read_clip(video, num_frames, start, end, strict_window=strict_window)
     return normalize(clip_frames(frames, image_size, aspect), dtype)
 
 
@@ -62,7 +66,8 @@ def answer_question(model: LoadedModel, video: str, question: str, *, start: flo
                     top_p: float = 1.0, seed: int = 0, aspect: str = "crop") -> str:
     """The model's answer to `question` about `video` (optionally the window [start, end] s)."""
     return generate_answers(model, [clip_pixels(video, model.num_frames, model.image_size, start=start, end=end,
-                                                aspect=aspect)], [question], max_new_tokens=max_new_tokens,
+                                                aspect=aspect, strict_window=True)], [question],
+                            max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, seed=seed)[0]
 
 

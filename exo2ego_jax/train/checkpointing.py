@@ -1,22 +1,33 @@
 """Orbax `CheckpointManager` for the train state plus the data iterator state.
 
 One checkpoint = {step, trainable params, optimizer state, RNG} (`state`) + the iterator's position
-(`data`, JSON). Saves are asynchronous; `keep_checkpoints` are kept; only complete checkpoints are listed,
-so a run killed mid-save resumes from the last complete one.
+(`data`, JSON). Saves are asynchronous; `keep_checkpoints` are kept; only complete checkpoints are listed, so a
+run killed mid-save resumes from the last complete one. A checkpoint that is listed but cannot be restored
+(truncated or corrupted files) is reported in one line, moved aside to `checkpoints/corrupt/` (never deleted),
+and the previous one is used.
 """
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import time
 
+import jax
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
 
 
 class TrainCheckpointer:
     def __init__(self, directory: str, *, keep: int, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True, cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                             item_names=("state", "data"))
+        self.directory = os.path.abspath(directory)
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                     create=True, cleanup_tmp_directories=True)
+        self.manager = self._open()
+
+    def _open(self):
+        return ocp.CheckpointManager(self.directory, options=self._options, item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -29,6 +40,26 @@ class TrainCheckpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return restored["state"], restored["data"]
+
+    def restore_latest(self, abstract_state):
+        """(step, state, data state) of the newest checkpoint that restores, or None when there is none.
+
+        A newer one that fails is moved to `checkpoints/corrupt/<step>-<time>` with a one-line report.
+        """
+        while (step := self.latest_step()) is not None:
+            try:
+                return (step,) + self.restore(step, abstract_state)
+            except Exception as e:
+                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                aside = os.path.join(self.directory, "corrupt", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+                print(f"checkpoint step {step} in {self.directory} cannot be restored ({type(e).__name__}: {reason}); "
+                      f"moved it to {aside} and going back to the previous one", flush=True)
+                if jax.process_index() == 0:
+                    os.makedirs(os.path.dirname(aside), exist_ok=True)
+                    shutil.move(os.path.join(self.directory, str(step)), aside)
+                self.manager.close()
+                self.manager = self._open()
+        return None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

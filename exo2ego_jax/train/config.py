@@ -7,8 +7,6 @@ builds the model / loss / stage objects. Everything downstream (state, step, dat
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib.util
 import os
 from typing import Any
 
@@ -247,39 +245,3 @@ def resolve(c) -> Run:
         model = checkpoint_model_config(init_path, c, model)
     return Run(config=c, model=model, loss=loss_config(c), stage=stage_spec(c), init_path=init_path,
                tokenizer_dir=tokenizer_dir(c))
-
-
-def load_config_file(path: str, preset: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-    """`get_config(preset)` of a config file, with dotted-key overrides ({"optim.learning_rate": 1e-4})."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist; use one of configs/stage0.py ... stage3.py")
-    name = "config_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(preset)
-    apply_overrides(c, overrides or {})
-    return c
-
-
-def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> None:
-    """Set dotted keys; an unknown key is a ConfigError with the closest existing names."""
-    for key, value in overrides.items():
-        parts = key.split(".")
-        node = c
-        for i, part in enumerate(parts):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                raise ConfigError(unknown_field_message(key, node, parts[:i], part))
-            if i < len(parts) - 1:
-                node = node[part]
-        node[parts[-1]] = value
-
-
-def unknown_field_message(key: str, node, parents: list[str], part: str) -> str:
-    """'config has no field X; did you mean Y?' for a misspelled dotted key."""
-    where = ".".join(parents)
-    options = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-    close = [".".join(parents + [m]) for m in difflib.get_close_matches(part, options, n=3)]
-    if close:
-        return f"config has no field {key!r}; did you mean {' or '.join(repr(m) for m in close)}?"
-    return f"config has no field {key!r}; the fields of {where or 'the config'} are {options}"

@@ -8,7 +8,6 @@ A restarted run resumes from the latest complete checkpoint with nothing repeate
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -23,7 +22,9 @@ from tqdm import tqdm
 
 from exo2ego_jax.checkpoints import copy_tokenizer_files, write_checkpoint
 from exo2ego_jax.data.loader import make_iterator
+from exo2ego_jax.data.template import write_chat_template
 from exo2ego_jax.errors import Exo2EgoError
+from exo2ego_jax.locks import FolderLock
 from exo2ego_jax.models.exo2ego import Exo2Ego
 from exo2ego_jax.models.lora import merge_lora
 from exo2ego_jax.models.params import combine_params
@@ -37,6 +38,7 @@ from exo2ego_jax.train.metrics import MetricsLogger
 from exo2ego_jax.train.optim import make_optimizer
 from exo2ego_jax.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 from exo2ego_jax.train.toy_data import BatchIterator, toy_examples
+from exo2ego_jax.train.workdir import record_config
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +156,19 @@ def prepare(run: Run, mesh=None) -> Setup:
 
 
 def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
+    """Train the stage `c` describes in `workdir` (resuming what is there), under the workdir's lock."""
     run = config_lib.resolve(c)
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() != 0:
+        return _train(run, workdir, show_progress=show_progress)
+    with FolderLock(workdir, what="workdir"):
+        record_config(workdir, c.to_dict(), force=bool(c.force_new_config))
+        return _train(run, workdir, show_progress=show_progress)
+
+
+def _train(run: Run, workdir: str, *, show_progress: bool) -> TrainResult:
+    c = run.config
     is_main = jax.process_index() == 0
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(c.to_dict(), f, indent=2, default=str)
     setup = prepare(run)
     mesh, build, data, steps = setup.mesh, setup.build, setup.data, setup.steps
     module, layout, spec = build.module, build.layout, run.stage
@@ -167,12 +176,12 @@ def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
 
     checkpointer = TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints,
                                      async_save=c.async_checkpointing)
-    start = checkpointer.latest_step()
-    if start is not None:
-        state, data_state = checkpointer.restore(start, state_lib.abstract_state(state, layout))
+    restored = checkpointer.restore_latest(state_lib.abstract_state(state, layout))
+    start = 0
+    if restored is not None:
+        start, state, data_state = restored
         data.set_state(data_state)
         _print(is_main, f"resumed from {workdir}/checkpoints step {start}")
-    start = start or 0
 
     compute_dtype = jnp.dtype(c.compute_dtype)
     eval_fn = eval_data = None
@@ -219,10 +228,12 @@ def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
                 dt = (now - t_last) / (c.log_every if is_log else 1)
                 t_last = now
                 if not values.pop("finite"):
+                    kept = (f"The last good checkpoint (step {last_good}) in {workdir}/checkpoints is untouched"
+                            if last_good else "No checkpoint was written yet")
                     raise TrainingDiverged(
                         f"{c.stage} step {step}: loss {values['loss']} / grad norm {values['grad_norm']} is not "
-                        f"finite. The last good checkpoint (step {last_good}) in {workdir}/checkpoints is untouched; "
-                        "lower optim.learning_rate or check the data, then rerun to resume from it")
+                        f"finite. {kept}; lower optim.learning_rate or check the data, then rerun"
+                        + (" to resume from it" if last_good else ""))
                 tokens = c.batch_size * (batch["input_ids"].shape[1] - 1 + run.model.num_visual_tokens(spec.fusion))
                 record = dict(values, batch_hash=fingerprint, step_time_s=dt, tokens_per_s=tokens / dt,
                               tflops_per_s=(flops or 0) / dt / 1e12)
@@ -285,7 +296,9 @@ def export(run: Run, workdir: str, module, trainable, frozen) -> str:
         shutil.rmtree(target)
     write_checkpoint(target, params, kind="exo2ego", config=cfg.to_dict(), dtype=c.frozen_dtype, stage=c.stage,
                      view=run.stage.view)
-    copy_tokenizer_files(run.tokenizer_dir, target)
+    copied = copy_tokenizer_files(run.tokenizer_dir, target)
+    if jax.process_index() == 0 and copied:  # the prompts this model was trained on, for apply_chat_template
+        write_chat_template(target)
     return target
 
 

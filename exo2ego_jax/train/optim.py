@@ -8,17 +8,18 @@ from exo2ego_jax.models.params import path_matcher
 
 
 def learning_rate_schedule(optim, total_steps: int):
+    """HF's schedules (get_{cosine,linear,constant}_schedule_with_warmup): lr = peak * step / warmup during the
+    warmup, then the decay to 0 at `total_steps`."""
     warmup = int(round(optim.warmup_ratio * total_steps))
     peak = optim.learning_rate
-    if optim.schedule == "constant":
-        decay = optax.constant_schedule(peak)
-    elif optim.schedule == "linear":
+    if optim.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), end_value=0.0)
+    if optim.schedule == "linear":
         decay = optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))
-    else:  # cosine to 0, as HF's get_cosine_schedule_with_warmup
-        decay = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))
+    else:
+        decay = optax.constant_schedule(peak)
     if warmup == 0:
         return decay
-    # HF warms up from 0 over `warmup` steps: lr(step) = peak * step / warmup
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 

@@ -1,0 +1,140 @@
+"""Compile every 7b stage for GPU pods on this machine and tabulate the figures (launch/BENCHMARKS.md's table).
+
+  python launch/aot_sweep.py --out /tmp/aot_sweep [--only s3_h100_1x1x8,...] [--list]
+
+Each entry is one `launch/aot_compile.py` run in its own process (minutes each on 2 cores; about an hour for
+all). `presets`: every stage's 7b preset on one 8-GPU H100 and H200 host, stage 3 also on two and four hosts.
+`choices`: stage 3 (and stage 2) with one preset choice undone, for the before/after of each choice. A rerun
+skips entries whose JSON exists. Writes OUT/<entry>.json, OUT/<entry>.log and OUT/table.md (with the commit and
+machine); exits 1 if a preset entry does not fit.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    name: str
+    stage_file: str
+    target: str
+    topology: str
+    overrides: tuple[str, ...] = ()
+    kind: str = "presets"   # or "choices"
+    note: str = ""
+
+
+ENTRIES = [
+    *(Entry(f"s{i}_{t}_1x1x8", f"stage{i}", t, "1x1x8") for t in ("h100", "h200") for i in range(4)),
+    Entry("s3_h100_1x2x8", "stage3", "h100", "1x2x8"),
+    Entry("s3_h100_1x4x8", "stage3", "h100", "1x4x8"),
+    Entry("s3_frozen_fsdp", "stage3", "h100", "1x1x8", ("--config.sharding.frozen=fsdp",), "choices",
+          "frozen params sharded like the trainable ones"),
+    Entry("s3_pdb2", "stage3", "h100", "1x1x8", ("--config.per_device_batch=2",), "choices",
+          "2 clips per GPU per microbatch"),
+    Entry("s3_llm_remat_none", "stage3", "h100", "1x1x8", ("--config.model.remat_policy=none",), "choices",
+          "no LLM rematerialisation"),
+    Entry("s3_clip_remat_dots", "stage3", "h100", "1x1x8", ("--config.model.clip_remat_policy=dots_no_batch",),
+          "choices", "CLIP saves its matmul outputs instead of full remat"),
+    Entry("s2_frozen_fsdp", "stage2", "h100", "1x1x8", ("--config.sharding.frozen=fsdp",), "choices",
+          "frozen params sharded like the trainable ones"),
+    Entry("s2_pdb4", "stage2", "h100", "1x1x8", ("--config.per_device_batch=4",), "choices",
+          "4 clips per GPU per microbatch"),
+]
+
+
+def commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return (out.stdout.strip() or "unknown") + ("+uncommitted changes" if dirty else "")
+
+
+def machine() -> str:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{model or platform.processor()} ({os.cpu_count()} cores)"
+
+
+def run_entry(e: Entry, out: str) -> dict | None:
+    path = os.path.join(out, f"{e.name}.json")
+    if not os.path.exists(path):
+        cmd = [sys.executable, os.path.join(ROOT, "launch", "aot_compile.py"), "--config",
+               os.path.join(ROOT, "configs", f"{e.stage_file}.py") + ":7b", "--target", e.target, "--topology",
+               e.topology, "--json", path, *e.overrides]
+        started = time.time()
+        with open(os.path.join(out, f"{e.name}.log"), "w") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        print(f"{e.name}: exit {proc.returncode} in {time.time() - started:.0f} s", flush=True)
+        if not os.path.exists(path):
+            return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def row(e: Entry, r: dict | None) -> str:
+    if r is None:
+        return f"| {e.name} | {e.stage_file} | {e.target} {e.topology} | failed (see {e.name}.log) |||||||"
+    collective_gb = sum(v["bytes"] for v in r["collectives"].values()) / 1e9
+    b = r["bound"]
+    return (f"| {e.name} | {r['stage']} | {e.target} {e.topology} | {r['per_device_batch']} x {r['microbatches']} | "
+            f"{r['memory']['total'] / GiB:.1f} / {r['usable_bytes'] / GiB:.1f} | {100 * r['headroom']:.0f}% | "
+            f"{r['recompute_ratio']:.2f} | {collective_gb:.1f} | {b['comm_s']:.3f} / {b['compute_s']:.3f} | "
+            f"{b['clips_per_s']:.1f} | {r['compile_s']:.0f} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python launch/aot_sweep.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for the reports (reused: finished entries are kept)")
+    p.add_argument("--only", default="", help="comma-separated entry names")
+    p.add_argument("--list", action="store_true", help="print the entries and exit")
+    a = p.parse_args(argv)
+    entries = ENTRIES
+    if a.only:
+        names = a.only.split(",")
+        unknown = sorted(set(names) - {e.name for e in ENTRIES})
+        if unknown:
+            p.error(f"--only: unknown entries {unknown}; see --list")
+        entries = [e for e in ENTRIES if e.name in names]
+    if a.list:
+        for e in entries:
+            print(f"{e.name:<22} {e.kind:<8} {e.stage_file} {e.target} {e.topology} {' '.join(e.overrides)}")
+        return 0
+    os.makedirs(a.out, exist_ok=True)
+    results = {e.name: run_entry(e, a.out) for e in entries}
+    header = ("| entry | stage | target | clips per GPU x microbatches | GiB per GPU (of usable) | headroom | "
+              "executed / model FLOPs | collective GB per GPU per step | collectives / compute s at peak | "
+              "bound clips/s | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [f"Commit {commit()}, compiled on {machine()}, {time.strftime('%Y-%m-%d')}.", ""]
+    for kind, title in (("presets", "The 7b presets"), ("choices", "One choice undone (H100, 1x1x8)")):
+        chosen = [e for e in entries if e.kind == kind]
+        if chosen:
+            lines += [f"### {title}", "", header] + [row(e, results[e.name]) + (f" {e.note}" if e.note else "")
+                                                      for e in chosen] + [""]
+    with open(os.path.join(a.out, "table.md"), "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+    bad = [e.name for e in entries if e.kind == "presets" and not (results[e.name] or {}).get("fits")]
+    if bad:
+        print(f"error: preset entries that do not fit or failed: {bad}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
