@@ -52,6 +52,16 @@ def run_cli(main: Callable[[], int]) -> int:
         return 2
 
 
+def run_config_cli(parser: Callable[[], Any], main: Callable[[list], int]) -> None:
+    """The entry point of a CLI that takes `--config FILE:PRESET --config.field=value` overrides: `--help` prints
+    the parser's help (before any config is read), anything else runs `main(argv)` under `run_cli`."""
+    argv = sys.argv[1:]
+    if any(x in ("-h", "--help") for x in argv):
+        parser().print_help()
+        sys.exit(0)
+    sys.exit(run_cli(lambda: main(argv)))
+
+
 def check_choice(field: str, value: Any, allowed: Iterable) -> None:
     """Raise a ConfigError naming the config field and the allowed values."""
     allowed = list(allowed)

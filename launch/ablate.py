@@ -31,6 +31,7 @@ import numpy as np
 
 import study
 from exo2ego_jax.errors import ConfigError, run_cli
+from exo2ego_jax.provenance import commit, machine
 from exo2ego_jax.eval.stats import bootstrap_mean, paired_bootstrap
 from exo2ego_jax.configfile import load_config_file
 
@@ -108,7 +109,7 @@ def parse(argv):
 
 def main(argv=None) -> int:
     a = parse(argv)
-    started = time.time()
+    started, code = time.time(), commit()  # the code that runs, whatever the checkout holds later
     variants = [v for v in a.variants.split(",") if v]
     unknown = sorted(set(variants) - set(study.VARIANTS))
     if unknown:
@@ -147,8 +148,8 @@ def main(argv=None) -> int:
     correct = {v: np.asarray([study.correctness(os.path.join(evals[(s, v)], "mcq_json", "predictions.jsonl"), items)
                               for s in seeds]) for v in variants}
     results = summarize(correct, variants, seeds, len(items))
-    results.update(mode="quick" if a.quick else "full", budget=vars(budget), commit=study.commit(),
-                   machine=study.machine(), elapsed_s=round(time.time() - started, 1),
+    results.update(mode="quick" if a.quick else "full", budget=vars(budget), commit=code,
+                   machine=machine(), elapsed_s=round(time.time() - started, 1),
                    prompt="task_first_person", scoring="option log-likelihood")
     results["items"] = item_file
     stem = os.path.join(work, "results" if a.items == "test" else "results_val")

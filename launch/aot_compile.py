@@ -57,7 +57,7 @@ import argparse
 from exo2ego_jax.bench.aot import compile_step, report, target_devices
 from exo2ego_jax.bench.targets import TARGETS, Topology
 from exo2ego_jax.configfile import load_config_file, split_config_args
-from exo2ego_jax.errors import ConfigError, run_cli
+from exo2ego_jax.errors import ConfigError, run_config_cli
 from exo2ego_jax.train.config import resolve_for_compile
 
 
@@ -127,7 +127,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    if any(x in ("-h", "--help") for x in sys.argv[1:]):
-        parser().print_help()
-        sys.exit(0)
-    sys.exit(run_cli(lambda: main(sys.argv[1:])))
+    run_config_cli(parser, main)

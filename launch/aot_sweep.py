@@ -14,12 +14,15 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from exo2ego_jax.provenance import commit, machine
+
 GiB = 2 ** 30
 
 
@@ -51,23 +54,6 @@ ENTRIES = [
     Entry("s2_pdb4", "stage2", "h100", "1x1x8", ("--config.per_device_batch=4",), "choices",
           "4 clips per GPU per microbatch"),
 ]
-
-
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    return (out.stdout.strip() or "unknown") + ("+uncommitted changes" if dirty else "")
-
-
-def machine() -> str:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return f"{model or platform.processor()} ({os.cpu_count()} cores)"
 
 
 def run_entry(e: Entry, out: str) -> dict | None:

@@ -33,6 +33,7 @@ import numpy as np
 import study
 from exo2ego_jax.data import synthetic
 from exo2ego_jax.errors import run_cli
+from exo2ego_jax.provenance import commit, machine
 from exo2ego_jax.eval.stats import paired_bootstrap, wilson_interval
 from exo2ego_jax.serve.inference import answer_question, load_model
 from exo2ego_jax.configfile import load_config_file
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
     p.add_argument("--parallel", type=int, default=2, help="stage runs at a time")
     a = p.parse_args(argv)
-    started = time.time()
+    started, code = time.time(), commit()  # the code that runs, whatever the checkout holds later
     work = os.path.abspath(a.workdir)
     runs = os.path.join(work, "runs")
     env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(work, "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
     lines += ["", f"Question about `{item['video']}` [{item['start']:.2f}, {item['end']:.2f}] s: "
               f"\"{synthetic.MC_QUESTION}\"", f"- model: \"{answer}\"", f"- truth: \"{truth}\"", "",
               "Loss curves: losses.png, losses_stage3_vs_baseline.png", "",
-              f"Commit {study.commit()}, {study.machine()}; total time {time.time() - started:.0f} s"]
+              f"Commit {code}, {machine()}; total time {time.time() - started:.0f} s"]
     with open(os.path.join(work, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines), flush=True)

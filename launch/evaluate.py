@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 import argparse
 
 from exo2ego_jax.configfile import load_config_file, split_config_args
-from exo2ego_jax.errors import ConfigError, run_cli
+from exo2ego_jax.errors import ConfigError, run_config_cli
 from exo2ego_jax.eval.benchmarks import BENCHMARKS
 from exo2ego_jax.eval.runner import EvalSettings, results_table, run_suite
 from exo2ego_jax.models.exo2ego import FUSIONS
@@ -83,7 +83,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    if any(x in ("-h", "--help") for x in sys.argv[1:]):
-        parser().print_help()
-        sys.exit(0)
-    sys.exit(run_cli(lambda: main(sys.argv[1:])))
+    run_config_cli(parser, main)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from exo2ego_jax.bench.profile import attribute, hlo_op_names, load_trace_events
 from exo2ego_jax.bench.timing import device_kind, print_table
 from exo2ego_jax.configfile import load_config_file, split_config_args
-from exo2ego_jax.errors import ConfigError, run_cli
+from exo2ego_jax.errors import ConfigError, run_config_cli
 from exo2ego_jax.train.batches import global_batch, to_model_batch
 from exo2ego_jax.train.config import resolve
 from exo2ego_jax.train.loop import prepare
@@ -126,7 +126,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    if any(x in ("-h", "--help") for x in sys.argv[1:]):
-        parser().print_help()
-        sys.exit(0)
-    sys.exit(run_cli(lambda: main(sys.argv[1:])))
+    run_config_cli(parser, main)

@@ -20,7 +20,6 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -151,27 +150,6 @@ def run_tasks(tasks: dict, parallel: int) -> dict[str, float]:
     if errors:
         raise errors[0]
     return seconds
-
-
-def machine() -> str:
-    cpus = os.cpu_count()
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return f"{platform.machine()} {model or platform.processor()} ({cpus} cores), {platform.system()}"
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=chain.ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=chain.ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("+uncommitted changes" if dirty else "") if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
 
 
 def evaluate(export: str, data_root: str, out: str, *, item_file: str, video_key: str, log: str,
