@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from exo2ego_jax.convert.safetensors_reader import SafetensorsCheckpoint
+from exo2ego_jax.provenance import commit, machine
 
 
 def write(folder: str, mib: float, dtype) -> str:
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
                 got = theirs(path, fw)
                 assert all(np.array_equal(x.view(np.uint8), y.view(np.uint8)) for x, y in zip(reference, got))
                 rows.append((name, f"safe_open({fw})", best(lambda fw=fw, path=path: theirs(path, fw), a.reps), size))
+    print(f"{a.mib:.0f} MiB files; commit {commit()}, {machine()}, {time.strftime('%Y-%m-%d')}\n")
     print(f"| dtype | reader | best of {a.reps} s | MiB/s |\n|---|---|---|---|")
     for name, reader, seconds, size in rows:
         print(f"| {name} | {reader} | {seconds:.3f} | {size / seconds:.0f} |")
