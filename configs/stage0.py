@@ -20,7 +20,9 @@ def get_config(preset: str = "tiny"):
     c.num_epochs = 5.0
     if preset == "7b":
         c.batch_size = 512
-        c.per_device_batch = 4
+        # 2 clips per GPU per microbatch: 4 fits on an H100 with only 5-6% headroom (launch/BENCHMARKS.md), too
+        # little for cuDNN/cuBLAS workspaces that compile-only devices do not size; the compute is the same
+        c.per_device_batch = 2
         c.init.checkpoint = "/ckpt/jax/videollama2-7b-16f"  # a converted VideoLLaMA2 checkpoint
     if preset == "demo":
         # The demo has no pretrained VideoLLaMA2 to start from: its init stage also trains the tiny LLM on the

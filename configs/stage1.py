@@ -21,7 +21,9 @@ def get_config(preset: str = "tiny"):
     c.num_epochs = 2.0
     if preset == "7b":
         c.batch_size = 256
-        c.per_device_batch = 4
+        # 2 clips per GPU per microbatch: 4 fits on an H100 with only 5-6% headroom (launch/BENCHMARKS.md), too
+        # little for cuDNN/cuBLAS workspaces that compile-only devices do not size; the compute is the same
+        c.per_device_batch = 2
         c.init.from_workdir = "/workdirs/stage0"
     if preset != "tiny":  # records from exo2ego_jax.data.build (demo: the synthetic ego-exo set)
         c.data.source = "ego_exo_clip"

@@ -4,7 +4,7 @@
 
 Each entry is one `launch/aot_compile.py` run in its own process (minutes each on 2 cores; about an hour for
 all). `presets`: every stage's 7b preset on one 8-GPU H100 and H200 host, stage 3 also on two and four hosts.
-`choices`: stage 3 (and stage 2) with one preset choice undone, for the before/after of each choice. A rerun
+`choices`: one stage with one preset choice undone, for the before/after of each choice. A rerun
 skips entries whose JSON exists. Writes OUT/<entry>.json, OUT/<entry>.log and OUT/table.md (with the commit and
 machine); exits 1 if a preset entry does not fit.
 """
@@ -49,6 +49,10 @@ ENTRIES = [
           "no LLM rematerialisation"),
     Entry("s3_clip_remat_dots", "stage3", "h100", "1x1x8", ("--config.model.clip_remat_policy=dots_no_batch",),
           "choices", "CLIP saves its matmul outputs instead of full remat"),
+    Entry("s0_pdb4", "stage0", "h100", "1x1x8", ("--config.per_device_batch=4",), "choices",
+          "4 clips per GPU per microbatch"),
+    Entry("s1_pdb4", "stage1", "h100", "1x1x8", ("--config.per_device_batch=4",), "choices",
+          "4 clips per GPU per microbatch"),
     Entry("s2_frozen_fsdp", "stage2", "h100", "1x1x8", ("--config.sharding.frozen=fsdp",), "choices",
           "frozen params sharded like the trainable ones"),
     Entry("s2_pdb4", "stage2", "h100", "1x1x8", ("--config.per_device_batch=4",), "choices",
@@ -73,11 +77,12 @@ def run_entry(e: Entry, out: str) -> dict | None:
 
 
 def row(e: Entry, r: dict | None) -> str:
+    first = f"| {e.name} | " + (f"{e.note} | " if e.kind == "choices" else "")
     if r is None:
-        return f"| {e.name} | {e.stage_file} | {e.target} {e.topology} | failed (see {e.name}.log) |||||||"
+        return first + f"{e.stage_file} | {e.target} {e.topology} | failed (see {e.name}.log) |||||||"
     collective_gb = sum(v["bytes"] for v in r["collectives"].values()) / 1e9
     b = r["bound"]
-    return (f"| {e.name} | {r['stage']} | {e.target} {e.topology} | {r['per_device_batch']} x {r['microbatches']} | "
+    return (first + f"{r['stage']} | {e.target} {e.topology} | {r['per_device_batch']} x {r['microbatches']} | "
             f"{r['memory']['total'] / GiB:.1f} / {r['usable_bytes'] / GiB:.1f} | {100 * r['headroom']:.0f}% | "
             f"{r['recompute_ratio']:.2f} | {collective_gb:.1f} | {b['comm_s']:.3f} / {b['compute_s']:.3f} | "
             f"{b['clips_per_s']:.1f} | {r['compile_s']:.0f} |")
@@ -103,15 +108,16 @@ def main(argv=None) -> int:
         return 0
     os.makedirs(a.out, exist_ok=True)
     results = {e.name: run_entry(e, a.out) for e in entries}
-    header = ("| entry | stage | target | clips per GPU x microbatches | GiB per GPU (of usable) | headroom | "
-              "executed / model FLOPs | collective GB per GPU per step | collectives / compute s at peak | "
-              "bound clips/s | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    columns = ("stage | target | clips per GPU x microbatches | GiB per GPU (of usable) | headroom | "
+               "executed / model FLOPs | collective GB per GPU per step | collectives / compute s at peak | "
+               "bound clips/s | compile s |")
     lines = [f"Commit {commit()}, compiled on {machine()}, {time.strftime('%Y-%m-%d')}.", ""]
-    for kind, title in (("presets", "The 7b presets"), ("choices", "One choice undone (H100, 1x1x8)")):
+    for kind, title in (("presets", "The 7b presets"), ("choices", "One preset choice undone (H100, 1x1x8)")):
         chosen = [e for e in entries if e.kind == kind]
         if chosen:
-            lines += [f"### {title}", "", header] + [row(e, results[e.name]) + (f" {e.note}" if e.note else "")
-                                                      for e in chosen] + [""]
+            head = "| entry | " + ("change from the preset | " if kind == "choices" else "") + columns
+            lines += [f"### {title}", "", head, "|---" * (head.count(" | ") + 1) + "|"]
+            lines += [row(e, results[e.name]) for e in chosen] + [""]
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
