@@ -58,6 +58,7 @@ from exo2ego_jax.bench.aot import compile_step, report, target_devices
 from exo2ego_jax.bench.targets import TARGETS, Topology
 from exo2ego_jax.configfile import load_config_file, split_config_args
 from exo2ego_jax.errors import ConfigError, run_config_cli
+from exo2ego_jax.provenance import commit, machine
 from exo2ego_jax.train.config import resolve_for_compile
 
 
@@ -113,6 +114,7 @@ def main(argv) -> int:
     devices = target_devices(target, topology)
     compiled = compile_step(run, devices, num_hosts=topology.num_hosts)
     r = report(compiled, target, topology, with_model_flops=a.model_flops)
+    r.update(commit=commit(), machine=machine())
     print_report(r)
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)

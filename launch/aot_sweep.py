@@ -79,13 +79,13 @@ def run_entry(e: Entry, out: str) -> dict | None:
 def row(e: Entry, r: dict | None) -> str:
     first = f"| {e.name} | " + (f"{e.note} | " if e.kind == "choices" else "")
     if r is None:
-        return first + f"{e.stage_file} | {e.target} {e.topology} | failed (see {e.name}.log) |||||||"
+        return first + f"{e.stage_file} | {e.target} {e.topology} | failed (see {e.name}.log) ||||||||"
     collective_gb = sum(v["bytes"] for v in r["collectives"].values()) / 1e9
     b = r["bound"]
     return (first + f"{r['stage']} | {e.target} {e.topology} | {r['per_device_batch']} x {r['microbatches']} | "
             f"{r['memory']['total'] / GiB:.1f} / {r['usable_bytes'] / GiB:.1f} | {100 * r['headroom']:.0f}% | "
             f"{r['recompute_ratio']:.2f} | {collective_gb:.1f} | {b['comm_s']:.3f} / {b['compute_s']:.3f} | "
-            f"{b['clips_per_s']:.1f} | {r['compile_s']:.0f} |")
+            f"{b['clips_per_s']:.1f} | {r['compile_s']:.0f} | {r.get('commit', 'not recorded')} |")
 
 
 def main(argv=None) -> int:
@@ -110,8 +110,9 @@ def main(argv=None) -> int:
     results = {e.name: run_entry(e, a.out) for e in entries}
     columns = ("stage | target | clips per GPU x microbatches | GiB per GPU (of usable) | headroom | "
                "executed / model FLOPs | collective GB per GPU per step | collectives / compute s at peak | "
-               "bound clips/s | compile s |")
-    lines = [f"Commit {commit()}, compiled on {machine()}, {time.strftime('%Y-%m-%d')}.", ""]
+               "bound clips/s | compile s | compiled at commit |")
+    # entries kept from earlier runs may come from other commits: each row names its own
+    lines = [f"Table written at commit {commit()} on {machine()}, {time.strftime('%Y-%m-%d')}.", ""]
     for kind, title in (("presets", "The 7b presets"), ("choices", "One preset choice undone (H100, 1x1x8)")):
         chosen = [e for e in entries if e.kind == kind]
         if chosen:

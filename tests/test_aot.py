@@ -38,6 +38,7 @@ def test_cpu_target_reports_memory_flops_and_collectives(tmp_path):
     assert "fits" in proc.stdout.lower() or "memory per device" in proc.stdout
 
 
+@pytest.mark.slow
 def test_h100_topology_compiles_the_tiny_step(tmp_path):
     """The `aot` extra's CUDA plugin compiles for sm_90a without a GPU: cuBLAS gemms, cuDNN flash attention
     (CLIP's odd 17-token sequence included) and collectives across two hosts."""

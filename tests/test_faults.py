@@ -99,6 +99,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
         assert m["loss"] == pytest.approx(full[m["step"]], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_nan_before_the_first_checkpoint_says_so(tmp_path):
     from exo2ego_jax.train.loop import TrainingDiverged, train
     c = stage_config("stage1", num_train_steps=3, checkpoint_every=10, **{
@@ -260,6 +261,7 @@ def test_a_truncated_safetensors_file_is_named_and_leaves_no_output(tmp_path, hf
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_config_mistakes_are_one_line_errors(tmp_path):
     stage = [sys.executable, os.path.join(ROOT, "launch", "stage3.py"), "--workdir", str(tmp_path / "w")]
     cases = {"did you mean 'optim.learning_rate'": [f"--config={ROOT}/configs/stage3.py:tiny",

@@ -43,6 +43,7 @@ def option_scores(module, params, fusion=None):
                                         fusion=fusion, chunk=4))
 
 
+@pytest.mark.slow
 def test_fusion_none_stage_exports_none_and_is_served_without_f(baseline_export):
     from exo2ego_jax.checkpoints import load_pretrained, read_model_config
     assert read_model_config(baseline_export)["config"]["fusion"] == "none"
@@ -55,6 +56,7 @@ def test_fusion_none_stage_exports_none_and_is_served_without_f(baseline_export)
     assert not np.allclose(option_scores(module, params, fusion="tokens"), before)
 
 
+@pytest.mark.slow
 def test_override_the_checkpoint_cannot_satisfy_is_an_error_or_a_reinit(baseline_export, tmp_path):
     from exo2ego_jax.train.config import resolve
     c = stage_config("stage3", **{"init.checkpoint": baseline_export, "model.mapper.kind": "mlp"})

@@ -71,6 +71,7 @@ def test_sharded_load_gives_unsharded_logits(hf_mistral, tmp_path, shape):
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_stc_kernel_gradients_under_sharding(shape):
     """Regression: XLA's SPMD partitioner gave wrong grouped-conv kernel gradients with the batch over
