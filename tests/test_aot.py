@@ -36,6 +36,7 @@ def test_cpu_target_reports_memory_flops_and_collectives(tmp_path):
     assert r["collectives"]["all-gather"]["count"] > 0 and r["collectives"]["all-gather"]["bytes"] > 0
     assert r["bound"]["step_s"] > 0 and r["bound"]["clips_per_s"] > 0
     assert "fits" in proc.stdout.lower() or "memory per device" in proc.stdout
+    assert r["commit"] and r["machine"]  # every figure names the code and the machine that printed it
 
 
 @pytest.mark.slow
@@ -109,3 +110,36 @@ ENTRY %main (a: bf16[4,8]) -> bf16[4,8] {
     assert a.collectives["all-reduce"]["bytes"] == pytest.approx(2 * 4 * 8 * 2 * 1 / 2)
     assert a.custom_calls == {"__cublas$lt$matmul": 1}
     assert TARGETS["h100"].gpu_target_config().count("sm_9.0a") == 1
+
+
+def test_sweep_table_keeps_finished_entries_and_names_each_rows_commit(tmp_path, monkeypatch):
+    """A rerun compiles nothing whose JSON exists; each row shows the commit its compile ran at."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("aot_sweep", os.path.join(ROOT, "launch", "aot_sweep.py"))
+    sweep = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "aot_sweep", sweep)  # its dataclasses look their module up
+    spec.loader.exec_module(sweep)
+    gib = 2 ** 30
+
+    def record(total_gib, commit=None):
+        r = {"stage": "stage3", "per_device_batch": 1, "microbatches": 8, "fits": total_gib < 71.2,
+             "memory": {"total": total_gib * gib}, "usable_bytes": 71.2 * gib, "headroom": 1 - total_gib / 71.2,
+             "recompute_ratio": 1.16, "collectives": {"all-gather": {"count": 3, "bytes": 2e9},
+                                                      "reduce-scatter": {"count": 1, "bytes": 1.5e9}},
+             "bound": {"comm_s": 0.1, "compute_s": 1.9, "clips_per_s": 33.7}, "compile_s": 600.0}
+        return dict(r, commit=commit) if commit else r
+
+    (tmp_path / "s3_h100_1x1x8.json").write_text(json.dumps(record(50.0, "abc1234")))
+    (tmp_path / "s3_pdb2.json").write_text(json.dumps(record(77.3)))  # written before JSONs named their commit
+    assert sweep.main(["--out", str(tmp_path), "--only", "s3_h100_1x1x8,s3_pdb2"]) == 0
+    table = (tmp_path / "table.md").read_text()
+    preset_row = next(line for line in table.splitlines() if line.startswith("| s3_h100_1x1x8 |"))
+    choice_row = next(line for line in table.splitlines() if line.startswith("| s3_pdb2 |"))
+    assert "| 50.0 / 71.2 | 30% | 1.16 | 3.5 |" in preset_row and preset_row.endswith("| abc1234 |")
+    assert "| -9% |" in choice_row and choice_row.endswith("| not recorded |")
+    for line in table.splitlines():  # every row has as many cells as its header
+        if line.startswith("| entry"):
+            cells = line.count("|")
+        elif line.startswith("| s3_"):
+            assert line.count("|") == cells, line
+    assert not list(tmp_path.glob("*.log"))  # nothing was compiled
