@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     results = summarize(correct, variants, seeds, len(items))
     results.update(mode="quick" if a.quick else "full", budget=vars(budget), commit=code,
                    machine=machine(), elapsed_s=round(time.time() - started, 1),
-                   prompt="task_first_person", scoring="option log-likelihood")
+                   prompt=study.PROMPT, scoring="option log-likelihood")
     results["items"] = item_file
     stem = os.path.join(work, "results" if a.items == "test" else "results_val")
     study.write_json(stem + ".json", results)

@@ -123,7 +123,8 @@ def main(argv=None) -> int:
                 os.path.join(work, "losses_stage3_vs_baseline.png"))
     lines = ["# Exo2Ego demo results", "",
              f"Synthetic ego-exo task, seed {a.seed}; n = {n} held-out four-option questions from takes never "
-             "trained on (chance 25%); option log-likelihood; 95% intervals (Wilson for an accuracy, paired "
+             "trained on (chance 25%); option log-likelihood after the bare question (the prompt the synthetic "
+             "instruction data uses); 95% intervals (Wilson for an accuracy, paired "
              "bootstrap over questions for the difference).", "",
              "| model | accuracy | 95% CI |", "|---|---|---|"]
     lines += [f"| {LABELS[v]} | {acc:.1f}% | [{lo:.1f}, {hi:.1f}] |" for v, (acc, lo, hi) in rows.items()]
