@@ -171,3 +171,8 @@ def test_ablation_quick_end_to_end(tmp_path):
         assert (tmp_path / "runs" / "seed0" / f"stage3_{variant}" / "export" / "model_config.json").exists()
     baseline = json.loads((tmp_path / "runs" / "seed0" / "stage3_baseline" / "config.json").read_text())
     assert baseline["fusion"] == "none"
+    # scored with the prompt the synthetic conversations ask in, and the results say so
+    assert r["prompt"] == "base"
+    for variant in variants:
+        scored = json.loads((tmp_path / "eval_test" / "seed0" / variant / "results.json").read_text())
+        assert scored["settings"]["prompt"] == "base" and scored["settings"]["mode"] == "loglik"
