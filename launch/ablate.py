@@ -35,10 +35,9 @@ from exo2ego_jax.provenance import commit, machine
 from exo2ego_jax.eval.stats import bootstrap_mean, paired_bootstrap
 from exo2ego_jax.configfile import load_config_file
 
-# Steps per stage (batch 8), chosen on the validation questions (mcq_val.json) only, with the baseline and the
-# exo-view oracle: with it the oracle learns the task with every seed (data/synthetic.py's ego_cue note has the
-# figures); at half of it both stayed near chance. The whole study (9 variants x 3 seeds) takes about an hour
-# on 2 cores.
+# Steps per stage (batch 8). Checked on the validation questions (mcq_val.json) only, with the baseline and the
+# exo-view oracle: at this budget the oracle learns the task with every seed (data/synthetic.py's ego_cue note
+# has the figures). The whole study (9 variants x 3 seeds) takes about an hour on 2 cores.
 FULL = study.Budget(stage0=480, stage1=100, stage2=140, stage3=400)
 QUICK = study.Budget(stage0=4, stage1=2, stage2=2, stage3=4)
 
