@@ -79,7 +79,7 @@ def run_entry(e: Entry, out: str) -> dict | None:
 def row(e: Entry, r: dict | None) -> str:
     first = f"| {e.name} | " + (f"{e.note} | " if e.kind == "choices" else "")
     if r is None:
-        return first + f"{e.stage_file} | {e.target} {e.topology} | failed (see {e.name}.log) ||||||||"
+        return first + f"{e.stage_file} | {e.target} {e.topology} | failed (see {e.name}.log) |" + " |" * 8
     collective_gb = sum(v["bytes"] for v in r["collectives"].values()) / 1e9
     b = r["bound"]
     return (first + f"{r['stage']} | {e.target} {e.topology} | {r['per_device_batch']} x {r['microbatches']} | "

@@ -143,3 +143,5 @@ def test_sweep_table_keeps_finished_entries_and_names_each_rows_commit(tmp_path,
         elif line.startswith("| s3_"):
             assert line.count("|") == cells, line
     assert not list(tmp_path.glob("*.log"))  # nothing was compiled
+    failed = sweep.row(next(e for e in sweep.ENTRIES if e.name == "s3_pdb2"), None)  # a compile that crashed
+    assert "failed (see s3_pdb2.log)" in failed and failed.count("|") == table.splitlines()[-2].count("|")
