@@ -9,6 +9,7 @@ Fields are validated at start-up (`exo2ego_jax.train.config.validate`): a bad va
 import ml_collections
 
 from exo2ego_jax.errors import ConfigError
+from exo2ego_jax.models.mapper import RECOMMENDED
 from exo2ego_jax.models.sizes import CLIP_L14_336, MISTRAL_7B
 
 PRESETS = ("tiny", "demo", "7b")
@@ -19,7 +20,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(dict(
             clip=dict(CLIP_L14_336, select_layer=-2), llm=dict(MISTRAL_7B),
             stc=dict(depth=4, variant="stc"),
-            mapper=dict(kind="resnet", width=256, num_blocks=9, output_tanh=False, dropout=0.0),
+            mapper=dict(kind="resnet", width=256, num_blocks=9, output_tanh=False, dropout=0.0, **RECOMMENDED),
             num_frames=16, fusion="tokens", length_buckets=(4096, 5120, 6144),
             scan_layers=False, remat_policy="dots_no_batch", clip_remat_policy="full", attention_impl="cudnn"))
     return ml_collections.ConfigDict(dict(
@@ -28,7 +29,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
         llm=dict(vocab_size=64 if preset == "tiny" else 512, hidden_size=48, intermediate_size=96, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=12, rope_theta=1e6, sliding_window=None),
         stc=dict(depth=1, variant="stc"),
-        mapper=dict(kind="resnet", width=8, num_blocks=2, output_tanh=False, dropout=0.0),
+        mapper=dict(kind="resnet", width=8, num_blocks=2, output_tanh=False, dropout=0.0, **RECOMMENDED),
         num_frames=4, fusion="tokens", length_buckets=(),
         scan_layers=True, remat_policy="none", clip_remat_policy="none", attention_impl="xla"))
 
@@ -54,7 +55,7 @@ def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
                                             targets=("q", "k", "v", "o", "gate", "up", "down")))
     c.loss = ml_collections.ConfigDict(dict(vtg_weight=1.0, cycle_weight=1.0, kl_weight=1.0, cycle="both",
                                             use_kl=True, kl_temperature=1.0, kl_direction="exo_to_mapped",
-                                            kl_reduction="batchmean", kl_mode="tokens", detach_cycle_targets=False))
+                                            kl_reduction="token_mean", kl_mode="tokens", detach_cycle_targets=False))
     # Trainable params: regexes over '/'-joined param paths; each stage file shows its table from
     # exo2ego_jax/train/stages.py (empty = that default). Everything else is frozen, kept in frozen_dtype,
     # gets no optimizer state and, through stop_gradient, no weight gradient.
@@ -67,8 +68,11 @@ def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     # `reinit`: modules that start from a fresh seeded init instead of the checkpoint (e.g. ("mapper_f",
     # "mapper_g") to train FC mappers from a checkpoint with ResNet ones; any of ego_encoder, exo_encoder,
     # mapper_f, mapper_g, connector, llm).
+    # `shared_tower`: a random init copies the ego encoder into the exo encoder, so both towers start from the
+    # same weights in every preset, as at 7b, where both are VideoLLaMA2's CLIP (our choice for the random
+    # presets; without it stage 1 starts the exo path from features the connector never read).
     c.init = ml_collections.ConfigDict(dict(checkpoint="", from_workdir="", allow_random=preset != "7b",
-                                            reinit=()))
+                                            reinit=(), shared_tower=True))
 
     # Precision: trainable params keep float32 master weights; frozen params are stored in `frozen_dtype`;
     # compute runs in `compute_dtype`.
@@ -103,7 +107,8 @@ def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     # batches are padded to the smallest of text_buckets that fits. The tokenizer defaults to init.checkpoint's.
     c.data = ml_collections.ConfigDict(dict(source="toy", root="", split="train", num_examples=16,
                                             seq_len=16, worker_count=0, shuffle=True, eval_split="",
-                                            tokenizer="", aspect="crop", text_buckets=(), swap_views=False))
+                                            tokenizer="", aspect="crop", text_buckets=(), swap_views=False,
+                                            exo_fraction=0.0))
     if preset == "7b":  # records built by exo2ego_jax.data.build; the tokenizer of the converted checkpoint
         c.data.update(dict(root="/data/records", tokenizer="/ckpt/jax/videollama2-7b-16f", seq_len=2048,
                            text_buckets=(256, 512, 1024, 2048), worker_count=8, eval_split="val"))

@@ -21,7 +21,13 @@ from exo2ego_jax.constants import IGNORE_INDEX
 from exo2ego_jax.errors import ConfigError, check_choice
 
 KL_DIRECTIONS = ("exo_to_mapped", "mapped_to_exo")  # KL(y || F(x)) (our default: the target distribution is
-KL_REDUCTIONS = ("batchmean", "mean")                 # the real exo one, as in distillation) or KL(F(x) || y)
+                                                      # the real exo one, as in distillation) or KL(F(x) || y)
+# How the pointwise terms p (log p - log q) are reduced. "token_mean": summed over channels, averaged over tokens
+# (or frames, for kl_mode "pooled"), i.e. the mean KL of one token's distribution, our default, whose size does not
+# depend on the clip's length or grid. The other three are torch.nn.functional.kl_div's reductions, for ports of
+# PyTorch configs: "batchmean" sums everything and divides by the batch size only (T x P = 9216 times a
+# token_mean at 7b), "sum" sums everything, "mean" averages over every element (channels too).
+KL_REDUCTIONS = ("token_mean", "batchmean", "sum", "mean")
 KL_MODES = ("tokens", "pooled")
 CYCLES = ("both", "forward", "none")
 
@@ -35,7 +41,7 @@ class LossConfig:
     use_kl: bool = True
     kl_temperature: float = 1.0
     kl_direction: str = "exo_to_mapped"
-    kl_reduction: str = "batchmean"   # sum over channels, mean over tokens or frames (x tau^2)
+    kl_reduction: str = "token_mean"  # see KL_REDUCTIONS (x tau^2 in every case)
     kl_mode: str = "tokens"
     detach_cycle_targets: bool = False  # True: |G(F(x)) - sg(x)| (the paper's formula has no stop-gradient)
 
@@ -66,18 +72,33 @@ def l1(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def feature_kl(y: jax.Array, fx: jax.Array, *, temperature: float = 1.0, direction: str = "exo_to_mapped",
-               reduction: str = "batchmean", mode: str = "tokens") -> jax.Array:
+               reduction: str = "token_mean", mode: str = "tokens") -> jax.Array:
     """KL between softmax(./tau) over channels of y (real exo) and F(x), times tau^2.
 
-    y, fx: [..., P, C] features (P patch tokens). `mode="tokens"` compares token by token; `"pooled"` compares
-    the means over the P tokens (one distribution per frame).
+    y, fx: [B, ..., P, C] features (P patch tokens). `mode="tokens"` compares token by token; `"pooled"` compares
+    the means over the P tokens (one distribution per frame). `reduction`: see KL_REDUCTIONS.
     """
-    if mode == "pooled":
-        y, fx = jnp.mean(y.astype(jnp.float32), axis=-2), jnp.mean(fx.astype(jnp.float32), axis=-2)
-    log_p = jax.nn.log_softmax(y.astype(jnp.float32) / temperature, axis=-1)
-    log_q = jax.nn.log_softmax(fx.astype(jnp.float32) / temperature, axis=-1)
+    y, fx = _kl_inputs(y, mode), _kl_inputs(fx, mode)
+    log_p = jax.nn.log_softmax(y / temperature, axis=-1)
+    log_q = jax.nn.log_softmax(fx / temperature, axis=-1)
     if direction == "mapped_to_exo":
         log_p, log_q = log_q, log_p
-    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # per token
-    value = jnp.mean(kl) if reduction == "batchmean" else jnp.mean(kl) / y.shape[-1]
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # per token (or frame)
+    value = {"token_mean": lambda: jnp.mean(kl), "batchmean": lambda: jnp.sum(kl) / y.shape[0],
+             "sum": lambda: jnp.sum(kl), "mean": lambda: jnp.mean(kl) / y.shape[-1]}[reduction]()
     return value * temperature ** 2
+
+
+def _kl_inputs(features: jax.Array, mode: str) -> jax.Array:
+    features = features.astype(jnp.float32)
+    return jnp.mean(features, axis=-2) if mode == "pooled" else features
+
+
+def kl_target_stats(y: jax.Array, *, temperature: float = 1.0, mode: str = "tokens") -> dict:
+    """How peaked the KL's target softmax(y / tau) over channels is: `kl_target_entropy` (mean entropy, nats; a
+    uniform target over C channels has log C) and `kl_target_top_mass` (mean probability of its largest channel;
+    near 1 the target is almost one-hot, as a few very large channels make it at tau = 1)."""
+    log_p = jax.nn.log_softmax(_kl_inputs(y, mode) / temperature, axis=-1)
+    p = jnp.exp(log_p)
+    return {"kl_target_entropy": jnp.mean(-jnp.sum(p * log_p, axis=-1)),
+            "kl_target_top_mass": jnp.mean(jnp.max(p, axis=-1))}

@@ -10,8 +10,9 @@
    with the same budget (init -> ego captioning as long as stages 1 and 2 -> stage 3 on x alone), each stage
    through `launch/stageN.py --config configs/stageN.py:demo` (the code users run on GPU pods).
 3. Scores the held-out questions for both with `launch/evaluate.py` (option log-likelihood), reports each
-   accuracy with n and a 95% interval and the paired difference with its interval, answers one question about
-   a held-out clip, and writes WORKDIR/results.md and loss-curve PNGs.
+   accuracy with n and a 95% interval and the paired difference with its interval, probes every stage's
+   features for the action (launch/probe.py's linear probes; F(x) after stage 2 is where the exo knowledge
+   should show), answers one question about a held-out clip, and writes WORKDIR/results.md and loss-curve PNGs.
 Deterministic from --seed on one machine (float results can differ between CPUs). `--scale` multiplies the
 step counts (0.01 for a smoke run).
 """
@@ -26,19 +27,19 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "launch"))
 
 import numpy as np
 
-import study
 from exo2ego_jax.data import synthetic
 from exo2ego_jax.errors import run_cli
 from exo2ego_jax.provenance import commit, machine
 from exo2ego_jax.eval.stats import paired_bootstrap, wilson_interval
 from exo2ego_jax.serve.inference import answer_question, load_model
 from exo2ego_jax.configfile import load_config_file
+from exo2ego_jax.study import ablation, chain, probes, report
+from exo2ego_jax.study import runs as study
 
-BUDGET = study.Budget(stage0=480, stage1=100, stage2=140, stage3=400)  # the ablation study's (launch/ablate.py)
+BUDGET = ablation.FULL  # the ablation study's budget (launch/ablate.py)
 LABELS = {"full": "Exo2Ego (init, 1, 2, 3)", "baseline": "VideoLLaMA2 baseline (init, captioning, 3)"}
 
 
@@ -84,8 +85,8 @@ def main(argv=None) -> int:
     print(f"[2/4] training Exo2Ego and the baseline (steps {vars(budget)})", flush=True)
     common = {"data.root": data["records"], "data.tokenizer": data["tokenizer"], "mesh.num_devices": 1,
               "mesh.shape": "(1,1,1)", "log_every": 5}
-    stage1_lr = load_config_file(os.path.join(ROOT, "configs", "stage1.py"), "demo").optim.learning_rate
-    jobs = study.plan(("full", "baseline"), a.seed, budget, common, stage1_lr)
+    caption_lr = ablation.setup({})["learning_rates"]["captioning"]
+    jobs = study.plan(("full", "baseline"), a.seed, budget, common, caption_lr)
     timings = study.run_jobs(jobs, runs, parallel=a.parallel, echo=False, env=env)
 
     print("[3/4] held-out questions", flush=True)
@@ -106,6 +107,12 @@ def main(argv=None) -> int:
         lo, hi = wilson_interval(int(c.sum()), n)
         rows[v] = (100.0 * c.mean(), 100.0 * lo, 100.0 * hi)
     diff = paired_bootstrap(correct["full"], correct["baseline"])
+    model_cfg = load_config_file(chain.config_path("stage0"), "demo").model
+    prober = probes.prober_for(data["raw"], "mcq_test.json", num_frames=model_cfg.num_frames,
+                               image_size=model_cfg.clip.image_size, cache_dir=os.path.join(work, "data"))
+    seeds_of = {"full": (a.seed,), "baseline": (a.seed,)}
+    probe_table = probes.study_probes(prober, runs, list(seeds_of), seeds_of, study.stage_jobs, study.video_key)
+    fx = probe_table["full"]["stage2"]["Fx"]
 
     print("[4/4] one question about a held-out clip", flush=True)
     item = items[0]
@@ -130,6 +137,10 @@ def main(argv=None) -> int:
     lines += [f"| {LABELS[v]} | {acc:.1f}% | [{lo:.1f}, {hi:.1f}] |" for v, (acc, lo, hi) in rows.items()]
     lines += ["", f"Exo2Ego - baseline: {100 * diff['diff']:+.1f} points, 95% CI [{100 * diff['ci95'][0]:+.1f}, "
               f"{100 * diff['ci95'][1]:+.1f}].", "",
+              f"Linear probe of the action on F(x) after stage 2: {fx['accuracy']:.1f}% [{fx['ci95'][0]:.1f}, "
+              f"{fx['ci95'][1]:.1f}] (n = {fx['n']}; fit on {len(prober.train['video'])} training clips). "
+              "Every stage and feature (x: ego encoder, y: exo encoder, Fx: F(x), stc_*: the connector's tokens; "
+              "the baseline's captioning run stands at stage 2):", ""] + report.probe_markdown(probe_table) + ["",
               "| run | steps | first loss | last loss | seconds |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {curve[-1][0]} | {curve[0][1]:.3f} | {curve[-1][1]:.3f} | "
               f"{timings.get(names[k], float('nan')):.0f} |" for k, curve in curves.items()]

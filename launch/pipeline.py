@@ -15,15 +15,14 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np
 
-import chain
 import exo2ego_jax
 from exo2ego_jax.constants import IGNORE_INDEX
 from exo2ego_jax.train.batches import to_model_batch
 from exo2ego_jax.configfile import apply_overrides, load_config_file
+from exo2ego_jax.study import chain
 from exo2ego_jax.train.loop import train
 from exo2ego_jax.train.toy_data import toy_examples
 

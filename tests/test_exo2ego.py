@@ -78,8 +78,12 @@ def test_visual_tokens_entry_point_and_fusions(videollama2):
     none = apply(fusion="none")
     tokens = apply(fusion="tokens")
     frames = apply(fusion="frames")
-    assert none.shape == (2, 27, 64) and tokens.shape == (2, 54, 64) and frames.shape == (2, 5 * 9, 64)
+    assert none.shape == (2, 27, 64) and tokens.shape == (2, 54, 64) and frames.shape == (2, 54, 64)
     np.testing.assert_allclose(tokens[:, :27], none, atol=1e-5)  # x first, then F(x)
+    # "frames": one connector pass over x's then F(x)'s frames, each clip sampled on its own: the same tokens
+    np.testing.assert_allclose(frames, tokens, atol=1e-5)
+    mapped = apply(fusion="mapped")
+    np.testing.assert_allclose(mapped, tokens[:, 27:], atol=1e-5)  # F(x) alone
     assert apply(view="exo", fusion="none").shape == (2, 27, 64)
     # both encoders start from the same tower
     np.testing.assert_allclose(apply(view="exo", fusion="none"), none, atol=1e-6)
@@ -164,7 +168,7 @@ def test_full_size_shapes_without_compute():
     from exo2ego_jax.models import registry
     cfg = Exo2EgoConfig()
     assert cfg.num_visual_tokens("none") == 1521 and cfg.num_visual_tokens("tokens") == 3042
-    assert cfg.num_visual_tokens("frames") == 2873
+    assert cfg.num_visual_tokens("frames") == 3042  # each stream sampled as its own clip: no shared window
     module = registry.build_module("exo2ego", cfg)
     ids = jnp.zeros((1, 32), jnp.int32).at[0, 5].set(-201)
     pixels = jax.ShapeDtypeStruct((1, 16, 336, 336, 3), jnp.float32)

@@ -106,6 +106,13 @@ def test_lower_layers_do_not_import_higher_ones(graph):
     assert not bad, bad
 
 
+def test_nothing_in_the_package_imports_the_study(graph):
+    """The study drives the launch scripts and scores their exports: it sits on top of everything."""
+    bad = [f"{m} -> {t}" for m, imports in graph.items() if not m.startswith("exo2ego_jax.study")
+           for t, _ in imports if t.startswith("exo2ego_jax.study")]
+    assert not bad, bad
+
+
 def test_project_imports_sit_in_module_headers(graph):
     local = [f"{m} imports {t} inside a function" for m, imports in graph.items() if m not in LAZY_ALLOWED
              for t, top in imports if not top]

@@ -14,10 +14,8 @@ from exo2ego_jax.errors import ConfigError
 from exo2ego_jax.eval.stats import bootstrap_mean, paired_bootstrap, wilson_interval
 from exo2ego_jax.losses import feature_kl
 from exo2ego_jax.models.params import flatten
+from exo2ego_jax.study import runs as study
 from tests.helpers import ROOT, stage_config
-
-sys.path.insert(0, os.path.join(ROOT, "launch"))
-import study
 
 
 def train_tiny(stage_file, workdir, **overrides):

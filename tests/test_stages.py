@@ -82,7 +82,8 @@ def test_stage2_terms_and_ablations():
     module, params = init_params(tiny_config())
     batch = tiny_batch()
     _, full = jax.jit(lambda p: stage_loss(module, p, batch, get_stage("stage2"), LossConfig()))(params)
-    assert set(full) >= {"vtg", "cycle_forward", "cycle_backward", "kl", "loss"}
+    assert set(full) >= {"vtg", "cycle_forward", "cycle_backward", "kl", "loss", "kl_target_entropy",
+                         "kl_target_top_mass"}
     assert all(float(full[k]) > 0 for k in ("vtg", "cycle_forward", "cycle_backward", "kl"))
     total = full["vtg"] + full["cycle_forward"] + full["cycle_backward"] + full["kl"]
     np.testing.assert_allclose(full["loss"], total, rtol=1e-6)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from collections.abc import Sequence
 
 import grain.python as grain
@@ -49,10 +50,11 @@ class ToExample:
     process (Grain workers unpickle this object; tokenizers are not shipped between processes)."""
 
     def __init__(self, tokenizer_dir: str, *, seq_len: int, image_size: int, num_frames: int, aspect: str,
-                 views: Sequence[str], system_prompt: str | None = template.SYSTEM_PROMPT, swap_views: bool = False):
+                 views: Sequence[str], system_prompt: str | None = template.SYSTEM_PROMPT, swap_views: bool = False,
+                 exo_fraction: float = 0.0):
         self.tokenizer_dir, self.seq_len, self.image_size = tokenizer_dir, seq_len, image_size
         self.num_frames, self.aspect, self.views, self.system_prompt = num_frames, aspect, tuple(views), system_prompt
-        self.swap_views = swap_views
+        self.swap_views, self.exo_fraction = swap_views, exo_fraction
         self._tokenizer = None
         self._empty = 0  # samples whose answer truncation removed (counted per process)
 
@@ -85,8 +87,9 @@ class ToExample:
         if not (tok.labels != IGNORE_INDEX).any():
             self._warn_empty(uid)
         out = {"input_ids": tok.input_ids, "labels": tok.labels}
+        swap = self.swap_views != shows_other_view(uid, self.exo_fraction)
         for view in self.views:
-            stored = {"ego": "exo", "exo": "ego"}[view] if self.swap_views else view
+            stored = {"ego": "exo", "exo": "ego"}[view] if swap else view
             frames = record[f"{stored}_frames"]
             if frames.shape[0] == 0:
                 raise DataError(f"record {uid!r} has no {stored} frames but this stage needs them for its {view} "
@@ -97,6 +100,12 @@ class ToExample:
                                  f"rebuild the records with --num_frames {self.num_frames}")
             out[f"{view}_frames"] = clip_frames(frames, self.image_size, self.aspect)
         return out
+
+
+def shows_other_view(uid: str, fraction: float) -> bool:
+    """Whether record `uid` is among the `fraction` of records shown through their other view
+    (`data.exo_fraction`): a fixed pseudo-random choice per record, the same in every epoch and process."""
+    return fraction > 0 and zlib.crc32(uid.encode()) / 2 ** 32 < fraction
 
 
 def bucket_length(length: int, buckets: Sequence[int], seq_len: int) -> int:
@@ -207,16 +216,24 @@ def make_iterator(data, *, split: str, tokenizer_dir: str, views: Sequence[str],
     """The batch iterator over record split `split` ("train" or "eval") for the `data` config section
     (source, root, split, eval_split, seq_len, aspect, text_buckets, worker_count, shuffle, swap_views:
     the exo camera's frames where the model takes the ego view and the other way round, the exo_oracle
-    diagnostic).
+    diagnostic; exo_fraction: that swap for a fixed fraction of the records only, so a one-view stage trains
+    on a mix of both views, as the init stage's exo-heavy clip-text).
 
     `views` ("ego", "exo" or both) are the frames each example carries; `tokenizer_dir` holds the tokenizer
     (the caller resolves it: data.tokenizer, the init checkpoint or the previous stage's export).
     """
+    exo_fraction = float(data.get("exo_fraction", 0.0))
+    if not 0.0 <= exo_fraction <= 1.0:
+        raise ConfigError(f"config field 'data.exo_fraction' must be in [0, 1], got {exo_fraction}")
+    if exo_fraction and len(views) > 1:
+        raise ConfigError(f"config field 'data.exo_fraction' ({exo_fraction}) mixes the views of a one-view stage; "
+                          "this stage reads both views (stage 2): set it to 0")
     record_split = data.split if split == "train" else (data.eval_split or "val")
     source = open_records(dataset_root(data.root, data.source), record_split)
     pad_id = load_tokenizer(tokenizer_dir).pad_token_id
     to_example = ToExample(tokenizer_dir, seq_len=data.seq_len, image_size=image_size, num_frames=num_frames,
-                           aspect=data.aspect, views=views, swap_views=bool(data.swap_views))
+                           aspect=data.aspect, views=views, swap_views=bool(data.swap_views),
+                           exo_fraction=exo_fraction)
     return GrainBatchIterator(source, to_example, global_batch=global_batch, seed=seed,
                               shuffle=bool(data.shuffle) and split == "train", process_index=process_index,
                               process_count=process_count, worker_count=data.worker_count,

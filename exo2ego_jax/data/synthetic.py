@@ -103,6 +103,15 @@ def canonical(action: str, colour: str, shape: str) -> str:
     return f"C {verb} the {colour} {shape}{tail}"
 
 
+def action_of(text: str) -> int:
+    """The index in ACTIONS of the action a canonical answer or option names ("C pushes the red cube to the left")."""
+    for i, action in enumerate(ACTIONS):
+        if all(canonical(action, colour, shape) != text for colour in COLOURS for shape in SHAPES):
+            continue
+        return i
+    raise ValueError(f"{text!r} is not a canonical synthetic answer")
+
+
 # --------------------------------------------------------------------------------------------- rendering
 
 def _objects(rng: np.random.Generator):

@@ -26,7 +26,13 @@ from exo2ego_jax.models.mapper import MLPMapper, MapperConfig, ResnetGenerator
 from exo2ego_jax.models.mistral import MistralConfig, MistralForCausalLM
 from exo2ego_jax.models.stc import STCConfig, STCConnector
 
-FUSIONS = ("tokens", "frames", "none")
+# How the LLM reads the ego clip, the same in training, export and serving:
+#   none    x only (VideoLLaMA2)               mapped  F(x) only
+#   tokens  STC(x) then STC(F(x)), joined along the token axis
+#   frames  x's frames then F(x)'s through one STC call whose temporal sampler treats them as two clips (no
+#           window spans the last x frame and the first F(x) frame); STC's other stages work per frame, so this
+#           gives the same tokens as "tokens", computed in one connector pass over 2T frames
+FUSIONS = ("tokens", "frames", "none", "mapped")
 VIEWS = ("ego", "exo")
 
 
@@ -37,7 +43,7 @@ class Exo2EgoConfig:
     stc: STCConfig = STCConfig()
     mapper: MapperConfig = MapperConfig()
     num_frames: int = 16
-    fusion: str = "tokens"            # how x and F(x) reach the LLM (design notes in the README)
+    fusion: str = "tokens"            # how x and F(x) reach the LLM (FUSIONS)
     video_token_index: int = VIDEO_TOKEN_INDEX
     ignore_index: int = IGNORE_INDEX
     length_buckets: tuple[int, ...] = ()  # pad the spliced sequence up to the first bucket that fits
@@ -61,10 +67,8 @@ class Exo2EgoConfig:
 
     def num_visual_tokens(self, fusion: str | None = None) -> int:
         fusion = fusion or self.fusion
-        if fusion == "frames":
-            return self.stc.num_tokens(2 * self.num_frames, self.grid)
         one = self.stc.num_tokens(self.num_frames, self.grid)
-        return 2 * one if fusion == "tokens" else one
+        return 2 * one if fusion in ("tokens", "frames") else one
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -172,17 +176,19 @@ class Exo2Ego(nn.Module):
         return self._map(self.mapper_g, y, deterministic)
 
     def connect(self, x, fx=None, fusion: str = "none"):
-        """LLM-space tokens from features: x alone, or x with F(x) joined along tokens or frames."""
+        """LLM-space tokens from features by `fusion` (FUSIONS): x alone, F(x) alone, or both."""
         check_choice("fusion", fusion, FUSIONS)
         if fusion == "none":
             return self.connector(x)
         if fx is None:
             raise ValueError(f"fusion={fusion!r} needs F(x)")
+        if fusion == "mapped":
+            return self.connector(fx)
         if fusion == "tokens":
             b = x.shape[0]
             both = self.connector(jnp.concatenate([x, fx], axis=0))  # one connector call for both halves
             return jnp.concatenate([both[:b], both[b:]], axis=1)
-        return self.connector(jnp.concatenate([x, fx], axis=1))
+        return self.connector(jnp.concatenate([x, fx], axis=1), segments=2)
 
     def visual_tokens(self, pixels, view: str = "ego", fusion: str | None = None, deterministic: bool = True):
         """pixels [B, T, H, W, 3] -> LLM-space tokens [B, N, D]; `view='exo'` runs the exo encoder alone."""
@@ -284,6 +290,6 @@ def guidance_forward(module: Exo2Ego, ego_pixels, exo_pixels, input_ids, attenti
         out["x_target"] = jax.lax.stop_gradient(x) if detach_cycle_targets else x
     if cycle == "both":
         out["fgy"] = module.map_f(module.map_g(y, deterministic), deterministic)
-    visual = module.connect(x, fx, fusion=fusion) if fusion != "none" else module.connect(fx, fusion="none")
+    visual = module.connect(x, fx, fusion=fusion)  # the fusion means what it means at export and serving
     out["logits"], out["labels"] = module.language_model(input_ids, visual, attention_mask, labels, deterministic)
     return out

@@ -41,8 +41,13 @@ class STCConfig:
     def padding(self) -> int:
         return STC_VARIANTS[self.variant]
 
-    def num_tokens(self, frames: int, grid: int) -> int:
+    def output_grid(self, frames: int, grid: int) -> tuple[int, int, int]:
+        """(t, h, w) of the tokens for `frames` frames of a grid x grid patch map (tokens in that order)."""
         t, h, w = (_conv_out(n, k, self.padding) for n, k in zip((frames, grid, grid), self.downsample))
+        return t, h, w
+
+    def num_tokens(self, frames: int, grid: int) -> int:
+        t, h, w = self.output_grid(frames, grid)
         return t * h * w
 
     def to_dict(self) -> dict:
@@ -160,16 +165,20 @@ class STCConnector(nn.Module):
     config: STCConfig
 
     @nn.compact
-    def __call__(self, features: jax.Array) -> jax.Array:
+    def __call__(self, features: jax.Array, segments: int = 1) -> jax.Array:
+        """`segments` > 1: the T frames are that many clips laid end to end (x then F(x) under fusion "frames");
+        the temporal sampler pads and strides each on its own, so no sampler window spans two of them."""
         cfg = self.config
         b, t, p, c = features.shape
+        if t % segments:
+            raise ValueError(f"STC: {t} frames cannot be split into {segments} equal segments")
         hw = int(round(p ** 0.5))
         if hw * hw != p or c != cfg.encoder_hidden_size:
             raise ValueError(f"STC expects features [B, T, h*w, {cfg.encoder_hidden_size}] on a square grid; "
                              f"got {tuple(features.shape)}")
         x = constrain(features.astype(cfg.dtype).reshape(b * t, hw, hw, c), GRID)
         x = RegStage(cfg, cfg.hidden_size, name="s1")(x)
-        x = x.reshape(b, t, hw, hw, cfg.hidden_size)
+        x = x.reshape(b * segments, t // segments, hw, hw, cfg.hidden_size)
         pad = cfg.padding
         x = nn.Conv(cfg.hidden_size, cfg.downsample, strides=cfg.downsample, padding=[(pad, pad)] * 3,
                     use_bias=True, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="sampler",
@@ -177,6 +186,7 @@ class STCConnector(nn.Module):
                                                              (None, None, None, None, "channels")),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("channels",)))(x)
         x = nn.silu(x)
+        x = x.reshape((b, -1) + x.shape[2:])  # the segments' windows back to back, in time order
         _, nt, nh, nw, d = x.shape
         x = RegStage(cfg, cfg.hidden_size, name="s2")(x.reshape(b * nt, nh, nw, d))
         x = constrain(x.reshape(b, nt * nh * nw, d), ("activation_batch", "activation_length", "activation_embed"))

@@ -19,7 +19,7 @@ import dataclasses
 import jax
 
 from exo2ego_jax.errors import check_choice
-from exo2ego_jax.losses import LossConfig, feature_kl, l1, vtg_loss
+from exo2ego_jax.losses import LossConfig, feature_kl, kl_target_stats, l1, vtg_loss
 from exo2ego_jax.models.exo2ego import guidance_forward
 from exo2ego_jax.models.params import path_matcher
 
@@ -127,6 +127,9 @@ def _guidance_terms(out: dict, loss_cfg: LossConfig, ignore_index: int):
                                    direction=loss_cfg.kl_direction, reduction=loss_cfg.kl_reduction,
                                    mode=loss_cfg.kl_mode)
         total += loss_cfg.kl_weight * metrics["kl"]
+    # Logged in every stage-2 run, KL on or off: a near one-hot target shows in the first steps of a 7B run.
+    y = jax.lax.stop_gradient(out["y"])
+    metrics.update(kl_target_stats(y, temperature=loss_cfg.kl_temperature, mode=loss_cfg.kl_mode))
     return total, metrics, count
 
 

@@ -82,7 +82,8 @@ def init_params(run: Run, module: Exo2Ego, mesh, layout: StateLayout, *, seed: i
     """(trainable float32, frozen in frozen_dtype), created directly in their shardings.
 
     From `run.init_path` when set (modules named in `init.reinit` get a fresh seeded init), else a seeded
-    random init of the whole composite.
+    random init of the whole composite, whose exo encoder is a copy of the ego encoder when
+    `init.shared_tower` (both towers start from one CLIP, as a converted VideoLLaMA2 checkpoint has them).
     """
     spec = run.stage
     is_trainable = path_matcher(spec.trainable)
@@ -94,9 +95,13 @@ def init_params(run: Run, module: Exo2Ego, mesh, layout: StateLayout, *, seed: i
                 jax.tree.map(lambda x: x.astype(jnp.dtype(frozen_dtype)), frozen))
 
     if run.init_path is None:
+        shared_tower = bool(run.config.init.shared_tower)
+
         def init(key):
-            params = module.init(key, *example_inputs(module.config), method="init_all")["params"]
-            return split_cast(nn.meta.unbox(params))
+            params = nn.meta.unbox(module.init(key, *example_inputs(module.config), method="init_all")["params"])
+            if shared_tower:
+                params = dict(params, exo_encoder=params["ego_encoder"])
+            return split_cast(params)
 
         with jax.set_mesh(mesh):
             return jax.jit(init, out_shardings=out_sh)(jax.random.key(seed))

@@ -1,10 +1,10 @@
 """Controlled comparisons on the synthetic ego-exo task: the variants, their stage chains with matched budgets,
 running them through the launch scripts, scoring the held-out questions, and the statistics.
 
-A helper module for launch/ablate.py (the ablation study) and launch/demo.py (Exo2Ego against the baseline).
-Every variant is a chain of stage runs (`python launch/stageN.py --config configs/stageN.py:demo ...`) whose
-shared prefixes run once per seed; all variants of a seed see the same data in the same order and the same
-number of clip-text and instruction samples:
+Used by launch/ablate.py (the ablation study) and launch/demo.py (Exo2Ego against the baseline). Every variant
+is a chain of stage runs (`python launch/stageN.py --config configs/stageN.py:demo ...`) whose shared prefixes
+run once per seed; all variants of a seed see the same data in the same order and the same number of clip-text
+and instruction samples:
   full        init -> stage 1 -> stage 2 -> stage 3 (x and F(x) to the LLM)
   baseline    VideoLLaMA2 on the same data: init -> ego captioning on the clips stages 1-2 see (as many steps
               as stages 1 and 2 together) -> stage 3 with fusion none (x only)
@@ -13,6 +13,9 @@ number of clip-text and instruction samples:
   wo_lora     stage 3 without LoRA (the LLM frozen)
   exo_oracle  the baseline's recipe with the exo camera's video in place of the ego video, in training and at
               test time: what the task allows when the exo view is available
+  cyclegan_mapper / instance_norm_mapper   our mapper choice undone (F and G fresh at stage 2): CycleGAN's
+              plain generator F(x) = R(x) with instance norms / the residual F = x + R(x) with instance norms
+              (the default is residual with layer norms; mapper.py says why)
 """
 from __future__ import annotations
 
@@ -25,20 +28,28 @@ import sys
 import threading
 import time
 
-import chain
 from exo2ego_jax.data import synthetic, template
 from exo2ego_jax.data.builders import format_summary
 from exo2ego_jax.data.tokenizer import train_tokenizer
+from exo2ego_jax.study import chain
 from exo2ego_jax.train.stages import DEMO_STAGE3_EXTRA
 
 CAPTION_TRAINABLE = (r"ego_encoder/.*", r"connector/.*")
 # VideoLLaMA2's recipe (no F), plus what every demo stage 3 trains (see DEMO_STAGE3_EXTRA)
 BASELINE_STAGE3_TRAINABLE = (r"llm/.*/lora_[ab]", r"ego_encoder/.*", r"connector/.*") + DEMO_STAGE3_EXTRA
-VARIANTS = ("full", "baseline", "wo_kl", "fwd_cycle", "wo_cycle", "fc_mapper", "wo_lora", "kl_pooled", "exo_oracle")
+# The study's variants (launch/ablate.py's default), then the mapper choices compared on the validation items.
+STUDY_VARIANTS = ("full", "baseline", "wo_kl", "fwd_cycle", "wo_cycle", "fc_mapper", "wo_lora", "kl_pooled",
+                  "exo_oracle")
+MAPPER_VARIANTS = ("cyclegan_mapper", "instance_norm_mapper")
+VARIANTS = STUDY_VARIANTS + MAPPER_VARIANTS
+_FRESH_MAPPERS = {"init.reinit": ("mapper_f", "mapper_g")}
+_MAPPERS = {"fc_mapper": {"model.mapper.kind": "mlp"},
+            "cyclegan_mapper": {"model.mapper.residual": False, "model.mapper.norm": "instance"},
+            "instance_norm_mapper": {"model.mapper.norm": "instance"}}
 STAGE2_OVERRIDES = {"full": {}, "wo_kl": {"loss.use_kl": False}, "fwd_cycle": {"loss.cycle": "forward"},
                     "wo_cycle": {"loss.cycle": "none"}, "kl_pooled": {"loss.kl_mode": "pooled"},
-                    "fc_mapper": {"model.mapper.kind": "mlp", "init.reinit": ("mapper_f", "mapper_g")}}
-STAGE3_OVERRIDES = {"fc_mapper": {"model.mapper.kind": "mlp"}, "wo_lora": {"lora.enabled": False}}
+                    **{v: {**m, **_FRESH_MAPPERS} for v, m in _MAPPERS.items()}}
+STAGE3_OVERRIDES = {**_MAPPERS, "wo_lora": {"lora.enabled": False}}
 # The prompt the held-out questions are scored with: the one the synthetic instruction data asks in (the bare
 # question, prompts.PROMPTS' "base" row). Our choice: the benchmarks' default (Table 10's task details +
 # first-person cue) is text the demo's 48-wide LLM never reads in training, and it scrambles the answers. The
@@ -46,7 +57,8 @@ STAGE3_OVERRIDES = {"fc_mapper": {"model.mapper.kind": "mlp"}, "wo_lora": {"lora
 # prompt and 60.8% with the default, calling 25 of 28 lifts a push to the left.
 PROMPT = "base"
 COMPARISONS = ("full-baseline", "exo_oracle-baseline", "full-wo_kl", "full-fwd_cycle", "full-wo_cycle",
-               "full-fc_mapper", "full-wo_lora", "full-kl_pooled")
+               "full-fc_mapper", "full-wo_lora", "full-kl_pooled", "full-cyclegan_mapper",
+               "full-instance_norm_mapper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +82,25 @@ def final_job(seed: int, variant: str) -> str:
     return f"seed{seed}/stage3_{variant}"
 
 
+CAPTIONING_VARIANTS = ("baseline", "exo_oracle")
+
+
+def stage_jobs(seed: int, variant: str) -> dict[str, str]:
+    """{stage: job} whose exports show the variant after each stage. The captioning variants have no stage 1:
+    their captioning run, as long as stages 1 and 2 together, stands at "stage2"."""
+    s = f"seed{seed}"
+    if variant in CAPTIONING_VARIANTS:
+        return {"init": f"{s}/init", "stage2": f"{s}/caption_{variant}", "stage3": final_job(seed, variant)}
+    second = "full" if variant == "wo_lora" else variant
+    return {"init": f"{s}/init", "stage1": f"{s}/stage1", "stage2": f"{s}/stage2_{second}",
+            "stage3": final_job(seed, variant)}
+
+
+def video_key(variant: str) -> str:
+    """The item field holding the clip a variant reads: the exo camera's for the exo-view oracle."""
+    return "exo_video" if variant == "exo_oracle" else "video"
+
+
 def plan(variants, seed: int, budget: Budget, common: dict, caption_lr: float) -> dict[str, Job]:
     """The jobs of one seed: shared prefixes once, each variant's own stages after them. The captioning runs of
     the baseline and the oracle use `caption_lr` (stage 1's learning rate)."""
@@ -81,7 +112,7 @@ def plan(variants, seed: int, budget: Budget, common: dict, caption_lr: float) -
         jobs[name] = Job(name, stage_file, overrides, after)
 
     add(f"{s}/init", "stage0", budget.stage0, None)
-    uses_exo2ego = [v for v in variants if v not in ("baseline", "exo_oracle")]
+    uses_exo2ego = [v for v in variants if v not in CAPTIONING_VARIANTS]
     if uses_exo2ego:
         add(f"{s}/stage1", "stage1", budget.stage1, f"{s}/init")
     for v in uses_exo2ego:
@@ -89,7 +120,7 @@ def plan(variants, seed: int, budget: Budget, common: dict, caption_lr: float) -
         if f"{s}/stage2_{second}" not in jobs:
             add(f"{s}/stage2_{second}", "stage2", budget.stage2, f"{s}/stage1", STAGE2_OVERRIDES[second])
         add(f"{s}/stage3_{v}", "stage3", budget.stage3, f"{s}/stage2_{second}", STAGE3_OVERRIDES.get(v))
-    for v in ("baseline", "exo_oracle"):
+    for v in CAPTIONING_VARIANTS:
         if v not in variants:
             continue
         swap = {"data.swap_views": True} if v == "exo_oracle" else {}

@@ -1,7 +1,8 @@
 """The stage chain (init -> stage 1 -> stage 2 -> stage 3) and running one stage exactly as a user does:
 `python launch/stageN.py --config configs/stageN.py:PRESET --workdir DIR --config.key=value ...`.
 
-A helper module for the launch scripts that drive several stages (demo.py, pipeline.py, ablate.py).
+Used by the study (exo2ego_jax/study) and launch/pipeline.py. The stage scripts and configs live in the
+repository's launch/ and configs/ folders (a source checkout, as `pip install -e .` keeps it).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STAGE_FILES = ("stage0", "stage1", "stage2", "stage3")  # launch/<file>.py and configs/<file>.py
 
 
