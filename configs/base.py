@@ -71,8 +71,10 @@ def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     # `shared_tower`: a random init copies the ego encoder into the exo encoder, so both towers start from the
     # same weights in every preset, as at 7b, where both are VideoLLaMA2's CLIP (our choice for the random
     # presets; without it stage 1 starts the exo path from features the connector never read).
+    # `allow_later_stage`: from_workdir may name a later stage's export (refused by default: stage 2's export
+    # as stage 1's init is almost always a wrong path).
     c.init = ml_collections.ConfigDict(dict(checkpoint="", from_workdir="", allow_random=preset != "7b",
-                                            reinit=(), shared_tower=True))
+                                            reinit=(), shared_tower=True, allow_later_stage=False))
 
     # Precision: trainable params keep float32 master weights; frozen params are stored in `frozen_dtype`;
     # compute runs in `compute_dtype`.

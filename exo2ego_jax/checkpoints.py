@@ -66,6 +66,18 @@ def read_model_config(path: str) -> dict:
     return meta
 
 
+def stored_model_config(path: str, meta: dict | None = None):
+    """The model config a checkpoint's model_config.json describes; one that cannot describe a model (edited by
+    hand, written by another version) is a CheckpointError naming the file."""
+    meta = meta or read_model_config(path)
+    try:
+        return registry.config_from_dict(meta["kind"], meta["config"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)} does not describe a valid {meta['kind']} model "
+                              f"({e}); it was edited or written by another version: restore it, or convert/export "
+                              "the checkpoint again") from e
+
+
 def write_model_config(directory: str, *, kind: str, config: dict, dtype: str, **extra) -> dict:
     """Write `model_config.json` (process 0 only in multi-host runs); returns what was written."""
     meta = dict(format=FORMAT_NAME, format_version=FORMAT_VERSION, kind=kind, config=config, dtype=dtype, **extra)
@@ -115,7 +127,7 @@ def load_pretrained(path: str, *, dtype: Any | None = None, mesh: jax.sharding.M
     """
     meta = read_model_config(path)
     kind = meta["kind"]
-    stored_config = registry.config_from_dict(kind, meta["config"])
+    stored_config = stored_model_config(path, meta)
     config = registry.config_from_dict(kind, meta["config"], **config_overrides)
     module = registry.build_module(kind, config)
     store_dtype = jnp.dtype(dtype) if dtype is not None else None

@@ -27,12 +27,37 @@ def load_config_file(path: str, preset: str, overrides: dict | None = None) -> m
     name = "config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's file: name it and its error, not our stack
+        raise ConfigError(f"config file {path!r} raised {type(e).__name__} while loading ({_where(e, path)}{e}); "
+                          "fix the file") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} defines no get_config(preset)")
-    c = module.get_config(preset)
+    try:
+        c = module.get_config(preset)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"config file {path!r}: get_config({preset!r}) raised {type(e).__name__} "
+                          f"({_where(e, path)}{e}); fix the file") from e
     apply_overrides(c, overrides or {})
     return c
+
+
+def _where(e: BaseException, path: str) -> str:
+    """'line N: ' of the innermost frame in the config file, when the traceback passes through it."""
+    line = None
+    if isinstance(e, SyntaxError) and e.lineno:
+        return f"line {e.lineno}: "
+    tb = e.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f"line {line}: " if line else ""
 
 
 def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> None:

@@ -6,6 +6,7 @@ user error too.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -35,6 +36,32 @@ class DataError(Exo2EgoError, ValueError):
 
 class CheckpointError(Exo2EgoError, ValueError):
     """A checkpoint on disk does not match what is expected (names the folder, file or tensor)."""
+
+
+class StorageError(Exo2EgoError, OSError):
+    """Writing to disk failed for a reason the user fixes (no space, a size limit, a read-only folder)."""
+
+
+# errno values and the texts C++ writers (Orbax's TensorStore) put in their messages for them
+_STORAGE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EFBIG: "a file size limit was hit (ulimit -f, or the filesystem's)",
+            errno.EROFS: "the folder is on a read-only filesystem", errno.EACCES: "the folder is not writable"}
+_STORAGE_TEXTS = {"No space left": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT, "File too large": errno.EFBIG,
+                  "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+
+
+def storage_problem(e: BaseException) -> str | None:
+    """What went wrong with the disk, when `e` (or an exception it was raised from) is a storage fault."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _STORAGE:
+            return _STORAGE[e.errno]
+        for text, code in _STORAGE_TEXTS.items():
+            if text in str(e):
+                return _STORAGE[code]
+        e = e.__cause__ or e.__context__
+    return None
 
 
 DEBUG_ENV = "EXO2EGO_DEBUG"

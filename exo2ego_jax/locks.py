@@ -58,6 +58,11 @@ class FolderLock:
             return not _alive(holder["pid"])
         return holder["age_s"] > self.stale_after_s
 
+    def live_holder(self) -> dict | None:
+        """The holder of the lock ({pid, host, started, age_s}) when a live process holds it, else None."""
+        holder = self._holder()
+        return None if holder is None or self._stale(holder) else holder
+
     def acquire(self) -> FolderLock:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         for _ in range(2):
@@ -70,8 +75,8 @@ class FolderLock:
                 if not self._stale(holder):
                     raise FolderBusy(
                         f"{self.what} {os.path.dirname(self.path)!r} is in use by pid {holder.get('pid')} on host "
-                        f"{holder.get('host')} since {holder.get('started')} (lock {self.path}); wait for it to "
-                        f"finish or use another {self.what}") from None
+                        f"{holder.get('host')} since {holder.get('started')} (lock {self.path}); wait for that "
+                        "process to finish, or write somewhere else") from None
                 print(f"taking over the stale lock of pid {holder.get('pid')} on host {holder.get('host')} (started "
                       f"{holder.get('started')}): that process is gone", flush=True)
                 with contextlib.suppress(FileNotFoundError):  # another launch moved it first

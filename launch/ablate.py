@@ -32,11 +32,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from exo2ego_jax.errors import run_cli
 from exo2ego_jax.study import ablation
+from exo2ego_jax.paths import absolute
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True)
+    p.add_argument("--workdir", type=absolute, required=True)
     p.add_argument("--variants", default=",".join(ablation.STUDY_VARIANTS),
                    help=f"comma-separated, from {','.join(ablation.VARIANTS)}")
     p.add_argument("--seeds", default="0,1,2,3,4,5", help="seeds of the primary variants")

@@ -60,6 +60,7 @@ from exo2ego_jax.configfile import load_config_file, split_config_args
 from exo2ego_jax.errors import ConfigError, run_config_cli
 from exo2ego_jax.provenance import commit, machine
 from exo2ego_jax.train.config import resolve_for_compile
+from exo2ego_jax.paths import absolute
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE:PRESET", help="a stage config, e.g. configs/stage3.py:7b")
     p.add_argument("--target", choices=sorted(TARGETS), default="h100", help="the device to compile for")
     p.add_argument("--topology", default="1x1x8", help="SxHxG: slices x hosts x devices per host")
-    p.add_argument("--json", help="write the report here")
+    p.add_argument("--json", type=absolute, help="write the report here")
     p.add_argument("--model_flops", action=argparse.BooleanOptionalAction, default=True,
                    help="count the model's useful FLOPs (lowers each module once more)")
     return p

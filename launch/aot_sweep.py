@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from exo2ego_jax.provenance import commit, machine
+from exo2ego_jax.paths import absolute
 
 GiB = 2 ** 30
 
@@ -91,7 +92,7 @@ def row(e: Entry, r: dict | None) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python launch/aot_sweep.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for the reports (reused: finished entries are kept)")
+    p.add_argument("--out", type=absolute, required=True, help="folder for the reports (reused: finished entries are kept)")
     p.add_argument("--only", default="", help="comma-separated entry names")
     p.add_argument("--list", action="store_true", help="print the entries and exit")
     a = p.parse_args(argv)

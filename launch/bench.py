@@ -41,6 +41,7 @@ from exo2ego_jax.train.batches import global_batch, to_model_batch
 from exo2ego_jax.configfile import load_config_file
 from exo2ego_jax.train.config import resolve
 from exo2ego_jax.train.loop import prepare
+from exo2ego_jax.paths import absolute
 
 
 PARTS = ("stage3", "baseline", "lora_a", "lora_b", "clip", "decode_a", "decode_b")
@@ -181,7 +182,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--remat", default="full", help="remat policy of the LLM-only LoRA steps")
     p.add_argument("--attention_impl", default="cudnn" if jax.default_backend() == "gpu" else "xla")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", type=absolute, default=None)
     args = p.parse_args(argv)
     unknown = [part for part in args.only.split(",") if part not in PARTS]
     if unknown:

@@ -25,6 +25,7 @@ import flax.linen as nn
 from exo2ego_jax.bench.timing import device_kind, emit, print_table, time_step
 from exo2ego_jax.models.clip import CLIPVisionConfig, CLIPVisionEncoder
 from exo2ego_jax.models.mistral import MistralConfig, MistralDecoderLayer, rope_cos_sin
+from exo2ego_jax.paths import absolute
 
 SIZES = {
     "full": dict(clip=dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, patch_size=14,
@@ -111,7 +112,7 @@ def main(argv=None):
     p.add_argument("--clip_remat", default="none", help="remat policy for the CLIP layers")
     p.add_argument("--scan", action="store_true", help="scan the CLIP layers (default: unrolled, faster on GPU)")
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--json", default=None, help="append JSON lines here")
+    p.add_argument("--json", type=absolute, default=None, help="append JSON lines here")
     args = p.parse_args(argv)
     print(f"# device {device_kind()}, jax {jax.__version__}, size {args.size}, dtype {args.dtype}")
     rows = []

@@ -38,6 +38,7 @@ from exo2ego_jax.serve.inference import answer_question, load_model
 from exo2ego_jax.configfile import load_config_file
 from exo2ego_jax.study import ablation, chain, probes, report
 from exo2ego_jax.study import runs as study
+from exo2ego_jax.paths import absolute
 
 BUDGET = ablation.FULL  # the ablation study's budget (launch/ablate.py)
 LABELS = {"full": "Exo2Ego (init, 1, 2, 3)", "baseline": "VideoLLaMA2 baseline (init, captioning, 3)"}
@@ -68,7 +69,7 @@ def plot_losses(runs: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default="/tmp/exo2ego_demo")
+    p.add_argument("--workdir", type=absolute, default="/tmp/exo2ego_demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
     p.add_argument("--parallel", type=int, default=2, help="stage runs at a time")

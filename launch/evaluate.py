@@ -1,12 +1,15 @@
 """Zero-shot evaluation on the egocentric benchmarks.
 
   python launch/evaluate.py --config configs/eval.py:all --checkpoint DIR --data_root DIR [--out DIR]
-                            [--fusion none|tokens|frames] [--strict] [--config.prompt=base ...]
+                            [--fusion none|mapped|tokens|frames] [--strict] [--config.prompt=base ...]
 
 Writes, per benchmark, OUT/<benchmark>/predictions.jsonl (one line per item, appended as it goes: an
 interrupted run resumes where it stopped) and metrics.json; then OUT/results.json and OUT/results.md (our
 numbers next to the paper's, with the Avg of the ten sub-metrics). OUT defaults to CHECKPOINT/eval. The model
 reads its clips with the fusion it was trained with (recorded in the checkpoint) unless --fusion says otherwise.
+Predictions are reused only for the same model (checkpoint and its version), fusion, prompt, scoring settings
+and benchmark options (OUT/<benchmark>/predictions_source.json); anything else is refused, naming what differs,
+unless --overwrite. OUT is locked while an evaluation writes it.
 """
 import importlib
 import logging
@@ -24,6 +27,7 @@ from exo2ego_jax.eval.benchmarks import BENCHMARKS
 from exo2ego_jax.eval.runner import EvalSettings, results_table, run_suite
 from exo2ego_jax.models.exo2ego import FUSIONS
 from exo2ego_jax.serve.inference import load_model
+from exo2ego_jax.paths import absolute
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "eval.py") + ":all"
 
@@ -34,10 +38,13 @@ def parser() -> argparse.ArgumentParser:
                                 epilog="config overrides: --config.FIELD=VALUE for any field of configs/eval.py, e.g. "
                                        "--config.mode=loglik --config.prompt=base --config.max_items=100")
     p.add_argument("--config", metavar="FILE:PRESET", help="configs/eval.py:<benchmark[,benchmark...]|all>")
-    p.add_argument("--checkpoint", required=True, help="converted checkpoint or a stage's export/ folder")
-    p.add_argument("--data_root", required=True, help="benchmark data root")
-    p.add_argument("--out", help="output folder (default: CHECKPOINT/eval)")
+    p.add_argument("--checkpoint", type=absolute, required=True, help="converted checkpoint or a stage's export/ folder")
+    p.add_argument("--data_root", type=absolute, required=True, help="benchmark data root")
+    p.add_argument("--out", type=absolute, help="output folder (default: CHECKPOINT/eval)")
     p.add_argument("--fusion", choices=FUSIONS, help="override the checkpoint's fusion of x and F(x)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard predictions in --out that came from another model or other settings (default: "
+                        "refuse them, naming the difference)")
     p.add_argument("--strict", action="store_true",
                    help="a malformed benchmark item is an error instead of a counted, logged skip")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
@@ -76,7 +83,7 @@ def main(argv) -> int:
     model = load_model(a.checkpoint, fusion=a.fusion)
     out = a.out or os.path.join(a.checkpoint, "eval")
     metrics = run_suite(tuple(c.benchmarks), a.data_root, model, out, settings=settings, load_options=options,
-                        judge=judge, show_progress=a.progress)
+                        judge=judge, show_progress=a.progress, overwrite=a.overwrite)
     print(results_table(metrics))
     print(f"\nwritten to {out}")
     return 0

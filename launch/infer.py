@@ -1,7 +1,7 @@
 """Ask a checkpoint a question about a video.
 
   python launch/infer.py --checkpoint DIR --video clip.mp4 --question "What am I doing?" [--start 3.2 --end 5.0]
-                         [--fusion none|tokens|frames] [--prompt base|first_person|task|task_first_person]
+                         [--fusion none|mapped|tokens|frames] [--prompt base|first_person|task|task_first_person]
 
 The same as `exo2ego_jax.serve.inference.answer_question(load_model(DIR), video, question)` in Python. The model
 reads the clip with the fusion it was trained with (recorded in the checkpoint) unless --fusion says otherwise.
@@ -17,12 +17,13 @@ from exo2ego_jax.data.prompts import PROMPTS, with_prompt
 from exo2ego_jax.errors import ConfigError, run_cli
 from exo2ego_jax.models.exo2ego import FUSIONS
 from exo2ego_jax.serve.inference import answer_question, load_model
+from exo2ego_jax.paths import absolute
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="converted checkpoint or a stage's export/ folder")
-    p.add_argument("--video", required=True, help="a video file")
+    p.add_argument("--checkpoint", type=absolute, required=True, help="converted checkpoint or a stage's export/ folder")
+    p.add_argument("--video", type=absolute, required=True, help="a video file")
     p.add_argument("--question", required=True)
     p.add_argument("--start", type=float, default=None, help="window start (s)")
     p.add_argument("--end", type=float, default=None, help="window end (s)")

@@ -25,11 +25,12 @@ from exo2ego_jax.configfile import apply_overrides, load_config_file
 from exo2ego_jax.study import chain
 from exo2ego_jax.train.loop import train
 from exo2ego_jax.train.toy_data import toy_examples
+from exo2ego_jax.paths import absolute
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default="/tmp/exo2ego_tiny")
+    p.add_argument("--workdir", type=absolute, default="/tmp/exo2ego_tiny")
     p.add_argument("--preset", default="tiny", choices=["tiny"])
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per stage")
     args = p.parse_args(argv)

@@ -20,11 +20,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from exo2ego_jax.errors import run_cli
 from exo2ego_jax.study import probe_workdir
+from exo2ego_jax.paths import absolute
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="a study's workdir (launch/ablate.py or launch/demo.py)")
+    p.add_argument("--workdir", type=absolute, required=True, help="a study's workdir (launch/ablate.py or launch/demo.py)")
     p.add_argument("--items", choices=("test", "val"), default="test")
     a = p.parse_args(argv)
     probe_workdir.run(a.workdir, a.items)

@@ -30,6 +30,7 @@ from exo2ego_jax.errors import ConfigError, run_config_cli
 from exo2ego_jax.train.batches import global_batch, to_model_batch
 from exo2ego_jax.train.config import resolve
 from exo2ego_jax.train.loop import prepare
+from exo2ego_jax.paths import absolute
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "stage2.py") + ":tiny"
 
@@ -39,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE:PRESET", help="a stage-2 config (default configs/stage2.py:tiny); "
                                                            "--config.FIELD=VALUE overrides its fields")
-    p.add_argument("--trace_dir", required=True, help="output folder")
+    p.add_argument("--trace_dir", type=absolute, required=True, help="output folder")
     p.add_argument("--steps", type=int, default=3, help="profiled steps")
     p.add_argument("--warmup", type=int, default=2, help="steps before the trace starts")
     p.add_argument("--top", type=int, default=10, help="how many top ops to print")

@@ -22,11 +22,12 @@ import numpy as np
 
 from exo2ego_jax.checkpoints import load_pretrained
 from exo2ego_jax.models.mistral import init_cache
+from exo2ego_jax.paths import absolute
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default="/tmp/exo2ego_quickstart")
+    p.add_argument("--workdir", type=absolute, default="/tmp/exo2ego_quickstart")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 

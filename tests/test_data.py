@@ -94,7 +94,13 @@ def test_bad_videos_raise_errors_naming_the_file(tmp_path):
 
 
 def test_paths_that_escape_the_data_root_are_rejected(tmp_path):
-    assert safe_join(str(tmp_path), "a/b.mp4") == os.path.join(os.path.realpath(tmp_path), "a/b.mp4")
+    assert safe_join(str(tmp_path), "a/b.mp4") == os.path.join(os.path.abspath(tmp_path), "a/b.mp4")
+    # a symlinked folder inside the root is inside it, wherever it points
+    (tmp_path / "elsewhere").mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(tmp_path / "elsewhere", root / "takes")
+    assert safe_join(str(root), "takes/x.mp4") == os.path.join(str(root), "takes", "x.mp4")
     for bad in ("../secret.mp4", "a/../../x.mp4", "/etc/passwd"):
         with pytest.raises(DataError, match="data root|absolute"):
             safe_join(str(tmp_path), bad)
@@ -166,6 +172,21 @@ def test_plan_windows_filters_and_skips(egoexo):
     assert all(len(n.exo_videos) == 1 for n in strict)
     assert ego_exo4d.plan_narrations(egoexo["root"], video_subdir="downscaled/448")[0].ego_video.endswith(
         "frame_aligned_videos/downscaled/448/aria01_214-1.mp4")
+
+
+def test_a_corrupt_record_file_is_named_with_the_fix(egoexo, tmp_path):
+    from exo2ego_jax.data.records import records_dir
+    summary = build_ego_exo_clip(egoexo["root"], str(tmp_path), num_frames=4, store_size=32, show_progress=False)
+    folder = records_dir(summary["path"])
+    shards = [os.path.join(folder, f) for f in os.listdir(folder) if "array_record" in f and "train" in f]
+    for shard in shards:  # a copy cut short, or bytes flipped by a bad disk
+        data = open(shard, "rb").read()
+        with open(shard, "wb") as f:
+            f.write(data[: len(data) // 3])
+    with pytest.raises(DataError, match=r"records at .*(cannot be opened|cannot be read).*corrupt or truncated.*--restart"):
+        source = open_records(summary["path"], "train")
+        for i in range(len(source)):
+            source[i]
 
 
 def test_ego_exo_clip_records_are_synchronised(egoexo, tmp_path):

@@ -15,6 +15,7 @@ import data_fixtures as fx
 import eval_fixtures as efx
 from exo2ego_jax.eval import benchmarks as B
 from exo2ego_jax.data import prompts
+from exo2ego_jax.errors import ConfigError
 from exo2ego_jax.eval.runner import EvalSettings, results_table, run_benchmark
 from tests.helpers import composite_logits_and_loss
 
@@ -171,6 +172,36 @@ def test_evaluation_resumes_and_counts_missing_videos(bench_root, model, tmp_pat
     assert again == full
     uids = [json.loads(line)["uid"] for line in open(path) if line.strip().endswith("}")]
     assert sorted(set(uids)) == sorted(i.uid for i in B.load_qaego4d_closed(src))
+
+
+def test_predictions_of_another_model_or_setting_are_never_reused(bench_root, model, tmp_path):
+    """A rerun into the same output with another fusion or prompt is refused with the difference named; with
+    overwrite it scores again; the same evaluation resumes."""
+    import dataclasses
+    from exo2ego_jax.models.exo2ego import Exo2Ego
+    root, _ = bench_root
+    src, out = os.path.join(root, "vln_qa"), str(tmp_path / "out")
+    run = lambda m, **kw: run_benchmark("vln_qa", src, m, out, show_progress=False, **kw)
+    first = run(model, settings=EvalSettings(mode="loglik"))
+    other_fusion = "none" if model.config.fusion != "none" else "tokens"
+    refitted = dataclasses.replace(model, module=Exo2Ego(dataclasses.replace(model.config, fusion=other_fusion)))
+    with pytest.raises(ConfigError, match="fusion"):
+        run(refitted, settings=EvalSettings(mode="loglik"))
+    with pytest.raises(ConfigError, match="prompt"):
+        run(model, settings=EvalSettings(mode="loglik", prompt="base"))
+    assert run(model, settings=EvalSettings(mode="loglik")) == first  # the same evaluation: reused
+    rescored = run(model, settings=EvalSettings(mode="loglik", prompt="base"), overwrite=True)
+    path = os.path.join(out, "vln_qa", "predictions.jsonl")
+    assert len(open(path).read().splitlines()) == rescored["vln_qa_n"]  # every uid once
+    assert json.load(open(os.path.join(out, "vln_qa", "predictions_source.json")))["prompt"] == "base"
+
+
+def test_an_evaluation_output_folder_is_locked(tmp_path):
+    from exo2ego_jax.locks import FolderBusy, FolderLock
+    from exo2ego_jax.eval.runner import run_suite
+    with FolderLock(str(tmp_path), what="evaluation output folder"), \
+            pytest.raises(FolderBusy, match="evaluation output folder"):
+        run_suite(("vln_qa",), str(tmp_path), None, str(tmp_path), settings=EvalSettings())
 
 
 @pytest.mark.slow

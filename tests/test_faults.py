@@ -76,6 +76,54 @@ def test_a_relaunch_with_another_config_is_refused(tmp_path):
     assert len(list(tmp_path.glob("config.*.json"))) == 1  # the old one kept
 
 
+# ------------------------------------------------------------------------------------- where a stage starts
+
+def fake_export(workdir, stage, step):
+    from exo2ego_jax.checkpoints import write_model_config
+    os.makedirs(os.path.join(workdir, "export"), exist_ok=True)
+    write_model_config(os.path.join(workdir, "export"), kind="exo2ego", config={}, dtype="float32", stage=stage,
+                       step=step)
+
+
+def test_from_workdir_refuses_a_live_run_and_a_later_stage_and_says_what_it_starts_from(tmp_path):
+    from exo2ego_jax.locks import FolderLock
+    from exo2ego_jax.train.config import describe_init, resolve_init
+    earlier, later = str(tmp_path / "stage1"), str(tmp_path / "stage2")
+    fake_export(earlier, "stage1", 40)
+    fake_export(later, "stage2", 70)
+    c = lambda wd, **kw: stage_config("stage2", **{"init.from_workdir": wd, **kw})
+    path = resolve_init(c(earlier))
+    assert describe_init(path) == f"init: {path}, the export of stage1 at step 40"
+    # a live run holds it: its export is stale or half written
+    with FolderLock(earlier), pytest.raises(ConfigError, match=r"is in use by a live run .*pid"):
+        resolve_init(c(earlier))
+    c1 = lambda **kw: stage_config("stage1", **{"init.from_workdir": later, **kw})
+    with pytest.raises(ConfigError, match=r"export of stage2, which comes after stage1.*allow_later_stage"):
+        resolve_init(c1())
+    assert resolve_init(c1(**{"init.allow_later_stage": True})) == os.path.join(later, "export")
+
+
+@pytest.mark.slow
+def test_relative_paths_work_from_another_directory(tmp_path):
+    """The workdir and init path relative to the current directory: trains, exports, and the next stage starts
+    from it; the recorded config holds absolute paths."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    run = lambda stage, *flags: subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch", f"{stage}.py"), f"--config={ROOT}/configs/{stage}.py:tiny",
+         "--noprogress", "--config.num_train_steps=2", "--config.batch_size=2", "--config.data.num_examples=2",
+         *flags], capture_output=True, text=True, timeout=600, cwd=cwd,
+        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+    first = run("stage1", "--workdir", "rel_wd")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (cwd / "rel_wd" / "export" / "model_config.json").exists()
+    second = run("stage2", "--workdir", "rel_wd2", "--config.init.from_workdir=rel_wd")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "the export of stage1 at step 2" in second.stdout
+    recorded = json.loads((cwd / "rel_wd2" / "config.json").read_text())
+    assert recorded["init"]["from_workdir"] == str(cwd / "rel_wd")
+
+
 # ------------------------------------------------------------------------------------ checkpoint fallback
 
 @pytest.mark.slow
@@ -277,6 +325,99 @@ def test_config_mistakes_are_one_line_errors(tmp_path):
     proc = subprocess.run(stage[:2] + ["--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "--config" in proc.stdout and "--workdir" in proc.stdout
     assert "--distributed" in proc.stdout and "--config.per_device_batch" in proc.stdout
+
+
+def test_more_config_mistakes_are_one_line_errors(tmp_path):
+    """Non-finite weights, non-integer buckets, a config file that raises, a hand-edited model_config.json."""
+    from exo2ego_jax.checkpoints import stored_model_config, write_model_config
+    from exo2ego_jax.configfile import load_config_file
+    from exo2ego_jax.train.config import validate
+    for override, field in (({"loss.kl_weight": float("nan")}, "loss.kl_weight"),
+                            ({"optim.learning_rate": float("inf")}, "optim.learning_rate"),
+                            ({"data.text_buckets": (16, "x")}, "data.text_buckets")):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            validate(stage_config("stage3", **override))
+    broken = tmp_path / "broken.py"
+    broken.write_text("import ml_collections\n\ndef get_config(preset):\n    return 1 / 0\n")
+    with pytest.raises(ConfigError, match=r"broken\.py.*ZeroDivisionError.*line 4.*fix the file"):
+        load_config_file(str(broken), "tiny")
+    broken.write_text("def get_config(preset)\n    return None\n")
+    with pytest.raises(ConfigError, match=r"broken\.py.*SyntaxError.*line 1"):
+        load_config_file(str(broken), "tiny")
+    from exo2ego_jax.models.exo2ego import Exo2EgoConfig
+    from exo2ego_jax.models.clip import CLIPVisionConfig
+    from exo2ego_jax.models.mistral import MistralConfig
+    from exo2ego_jax.models.mapper import MapperConfig
+    from exo2ego_jax.models.stc import STCConfig
+    cfg = Exo2EgoConfig(clip=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                              patch_size=2, image_size=8),
+                        llm=MistralConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=1,
+                                          num_heads=2, num_kv_heads=1, head_dim=4),
+                        stc=STCConfig(encoder_hidden_size=16, hidden_size=8, depth=1),
+                        mapper=MapperConfig(channels=16, width=4, num_blocks=1)).to_dict()
+    cfg["stc"]["hidden_size"] = 48  # what a hand edit does
+    write_model_config(str(tmp_path), kind="exo2ego", config=cfg, dtype="float32")
+    with pytest.raises(CheckpointError, match=r"model_config\.json does not describe a valid exo2ego model.*"
+                                              r"stc\.hidden_size.*convert/export"):
+        stored_model_config(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_disk_full_while_checkpointing_is_one_line_and_a_relaunch_recovers(tmp_path):
+    """A file-size limit (`ulimit -f`) makes the checkpoint or export writes fail as a full disk does."""
+    import resource
+    limit = 200_000  # the config and metrics fit; the export's params do not
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "stage1.py"), f"--config={ROOT}/configs/stage1.py:tiny",
+           f"--workdir={tmp_path}", "--noprogress", *SHORT]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": ""}
+    full = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    # The last line is ours. (TensorStore's C++ write callbacks may print "Event loop is closed" tracebacks
+    # straight to stderr before it, which no Python hook sees; Orbax's and asyncio's logged ones are filtered.)
+    lines = [x for x in full.stderr.splitlines() if x.strip()]
+    assert sum(x.startswith("error:") for x in lines) == 1 and lines[-1].startswith("error:"), full.stderr[-3000:]
+    assert "ERROR:absl" not in full.stderr and "ERROR:asyncio" not in full.stderr
+    line = lines[-1]
+    assert full.returncode == 2 and "file size limit" in line and str(tmp_path) in line and "relaunch" in line
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "export" / "model_config.json").exists()
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 7))  # each step logged once
+
+
+def test_a_read_only_workdir_is_one_line(tmp_path):
+    from exo2ego_jax.errors import StorageError, storage_problem
+    import errno
+    assert storage_problem(OSError(errno.EROFS, "x")) == "the folder is on a read-only filesystem"
+    wrapped = ValueError('OUT_OF_RANGE: Failed writing: "/w/x": No space left on device')
+    assert storage_problem(RuntimeError("outer").with_traceback(None)) is None
+    try:
+        raise RuntimeError("outer") from wrapped
+    except RuntimeError as e:
+        assert storage_problem(e) == "no space left on the device"
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders; the classification above is what the CLI uses")
+    from exo2ego_jax.train.loop import train
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o500)
+    with pytest.raises(StorageError, match="not writable"):
+        train(stage_config("stage1", num_train_steps=1), str(tmp_path / "ro" / "w"), show_progress=False)
+
+
+@pytest.mark.slow
+def test_sigterm_says_what_was_saved_and_a_relaunch_resumes(tmp_path):
+    first = launch("stage3", tmp_path, *SHORT, "--config.hold_after_step=4", wait=False)
+    for line in first.stdout:
+        if "HOLDING after checkpoint 4" in line:
+            break
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 143
+    line = [x for x in err.splitlines() if x.strip()][-1]
+    assert "Traceback" not in err and "stopped by SIGTERM" in line and "step 4" in line
+    code, out, err = launch("stage3", tmp_path, *SHORT)
+    assert code == 0 and "resumed from" in out, err[-3000:]
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 7))
 
 
 # ---------------------------------------------------------------------------------------- fault injection

@@ -58,7 +58,7 @@ def test_fusion_none_stage_exports_none_and_is_served_without_f(baseline_export)
 def test_override_the_checkpoint_cannot_satisfy_is_an_error_or_a_reinit(baseline_export, tmp_path):
     from exo2ego_jax.train.config import resolve
     c = stage_config("stage3", **{"init.checkpoint": baseline_export, "model.mapper.kind": "mlp"})
-    with pytest.raises(ConfigError, match=r"'model\.mapper\.kind' is 'mlp' but the init checkpoint .* 'resnet'.*"
+    with pytest.raises(ConfigError, match=r"model\.mapper\.kind='mlp' but the checkpoint has 'resnet'.*"
                                           r"init\.reinit"):
         resolve(c)
     result = train_tiny("stage3", tmp_path, **{"init.checkpoint": baseline_export, "model.mapper.kind": "mlp",

@@ -290,36 +290,39 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
 
 
-# The model section a config needs to start from the tiny converted VideoLLaMA2 (tests/torch_reference.py).
-CHECKPOINT_SIZES = {"model.clip.image_size": 16, "model.clip.num_layers": 4, "model.llm.vocab_size": 97,
-                    "model.llm.hidden_size": 64, "model.llm.num_layers": 3, "model.llm.head_dim": 16,
-                    "model.llm.rope_theta": 10000.0, "model.llm.sliding_window": 4096, "model.stc.depth": 4,
-                    "model.mapper.width": 4, "model.mapper.num_blocks": 1}
-
-
 @pytest.mark.slow
-def test_stage_starts_from_a_converted_videollama2_checkpoint(tmp_path):
-    """init.checkpoint = a converted VideoLLaMA2 checkpoint: its architecture, the run's LoRA and dtypes."""
+def test_stage_starts_from_a_converted_checkpoint_of_other_sizes_in_one_launch(tmp_path, capsys):
+    """init.checkpoint = a converted VideoLLaMA2 of other sizes than the preset: every field the command line did
+    not set follows the checkpoint (said in one line); conflicting explicit overrides are refused together."""
     from tests.torch_reference import build_videollama2
     from exo2ego_jax.convert import convert_videollama2
+    from exo2ego_jax.errors import ConfigError
+    from exo2ego_jax.train import config as config_lib
     from exo2ego_jax.train.loop import train
     build_videollama2(str(tmp_path / "vl2"))
     convert_videollama2(str(tmp_path / "vl2"), str(tmp_path / "ckpt"), dtype="float32", mapper_width=4,
                         mapper_blocks=1, show_progress=False)
-    c = stage_config("stage3", num_train_steps=2, batch_size=2, checkpoint_every=100,
-                     **{"data.num_examples": 2, "mesh.shape": (1, 1, 1), "mesh.num_devices": 1,
-                        "init.checkpoint": str(tmp_path / "ckpt"), "export.merge_lora": False,
-                        **CHECKPOINT_SIZES})
-    result = train(c, str(tmp_path / "run"), show_progress=False)
+    overrides = {"num_train_steps": 2, "batch_size": 2, "checkpoint_every": 100, "data.num_examples": 2,
+                 "mesh.shape": (1, 1, 1), "mesh.num_devices": 1, "init.checkpoint": str(tmp_path / "ckpt"),
+                 "export.merge_lora": False}
+    c = stage_config("stage3", **overrides)
+    result = train(c, str(tmp_path / "run"), show_progress=False, explicit=set(overrides))
+    said = capsys.readouterr().out
+    assert "architecture from the init checkpoint" in said and "model.llm.hidden_size=64 (the preset says 48)" in said
     assert len(result.metrics) == 2 and all(np.isfinite(m["loss"]) for m in result.metrics)
     module, exported = exo2ego_jax.load_pretrained(result.export_dir)
     _, converted = exo2ego_jax.load_pretrained(str(tmp_path / "ckpt"))
     assert module.config.llm.hidden_size == 64 and module.config.llm.lora.rank == c.lora.rank
+    assert module.config.clip.image_size == 16  # the data followed: the clips were cut at the checkpoint's size
     # frozen: the exo tower and G are exactly the converted ones; LoRA adapters exist and moved
     np.testing.assert_array_equal(np.asarray(exported["exo_encoder"]["pre_layrnorm"]["scale"]),
                                   np.asarray(converted["exo_encoder"]["pre_layrnorm"]["scale"]))
     lora_b = flat(exported["llm"])["decoder/layers/mlp/down_proj/lora_b"]
     assert float(np.abs(np.asarray(lora_b)).max()) > 0
+    # explicit overrides the checkpoint cannot satisfy: every one named in a single refusal
+    bad = {**overrides, "model.llm.hidden_size": 48, "model.stc.depth": 1}
+    with pytest.raises(ConfigError, match=r"model\.llm\.hidden_size=48.*model\.stc\.depth=1.*init\.reinit"):
+        config_lib.resolve(stage_config("stage3", **bad), explicit=set(bad))
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])

@@ -11,23 +11,24 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from exo2ego_jax.convert import CONVERTERS
 from exo2ego_jax.errors import run_cli
+from exo2ego_jax.paths import absolute
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exo2ego_jax.convert",
                                      description="Convert a HF safetensors checkpoint into an exo2ego_jax Orbax checkpoint.")
     parser.add_argument("kind", choices=sorted(CONVERTERS), help="which model the checkpoint holds")
-    parser.add_argument("--hf_dir", required=True, help="folder with config.json and *.safetensors")
-    parser.add_argument("--out", required=True, help="new output folder (params/ + model_config.json)")
+    parser.add_argument("--hf_dir", type=absolute, required=True, help="folder with config.json and *.safetensors")
+    parser.add_argument("--out", type=absolute, required=True, help="new output folder (params/ + model_config.json)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="storage dtype of the converted params (load_pretrained can cast again)")
     parser.add_argument("--no_scan", dest="scan_layers", action="store_false",
                         help="store one param set per layer (layers_0 ...) instead of stacked for nn.scan")
     parser.add_argument("--buffer_mb", type=float, default=1024.0,
                         help="host memory for batching writes; peak RAM is about this plus one stacked tensor")
-    parser.add_argument("--mm_projector", default=None,
+    parser.add_argument("--mm_projector", type=absolute, default=None,
                         help="videollama2: a separate mm_projector file (.safetensors, or a torch .bin read weights-only)")
-    parser.add_argument("--clip_dir", default=None,
+    parser.add_argument("--clip_dir", type=absolute, default=None,
                         help="videollama2: a CLIP checkpoint folder, when the VideoLLaMA2 folder has no tower")
     parser.add_argument("--mapper_width", type=int, default=256, help="videollama2: width (ngf) of the fresh F and G")
     parser.add_argument("--mapper_blocks", type=int, default=9, help="videollama2: residual blocks of F and G")

@@ -25,7 +25,7 @@ from exo2ego_jax.convert.stc import params_from_state_dict, stc_rules
 from exo2ego_jax.errors import CheckpointError
 from exo2ego_jax.models.clip import CLIPVisionConfig
 from exo2ego_jax.models.exo2ego import Exo2EgoConfig
-from exo2ego_jax.models.mapper import MapperConfig, build_mapper
+from exo2ego_jax.models.mapper import RECOMMENDED, MapperConfig, build_mapper
 from exo2ego_jax.models.mistral import MistralConfig
 from exo2ego_jax.models.params import flatten
 from exo2ego_jax.models.registry import abstract_params, build_module, flat_shapes
@@ -122,7 +122,8 @@ def exo2ego_config_from_hf(hf: dict, hf_dir: str = "", *, clip_dir: str | None =
     llm = MistralConfig.from_hf(hf, scan_layers=scan_layers)
     stc = STCConfig(encoder_hidden_size=clip.hidden_size, hidden_size=llm.hidden_size,
                     variant=PROJECTOR_TYPES[projector])
-    mapper = MapperConfig(channels=clip.hidden_size, width=mapper_width, num_blocks=mapper_blocks)
+    # F and G as the presets build them (a residual generator that starts as the identity: mapper.py)
+    mapper = MapperConfig(channels=clip.hidden_size, width=mapper_width, num_blocks=mapper_blocks, **RECOMMENDED)
     return Exo2EgoConfig(clip=clip, llm=llm, stc=stc, mapper=mapper, num_frames=hf.get("num_frames", 16),
                          fusion=fusion)
 
@@ -183,6 +184,10 @@ def convert_videollama2(hf_dir: str, out_dir: str, *, dtype: str = "bfloat16", s
         connector = params_from_state_dict(state, stc_rules(config.stc))
         extra.update({f"connector/{k}": v for k, v in flatten(connector).items()})
         unused.append(r"model\.mm_projector\..*")  # the separate file wins over any copy in the folder
+    elif not any(name.startswith(PROJECTOR_PREFIX) for name in list(primary.keys())):
+        raise CheckpointError(f"{hf_dir!r} holds no connector ({PROJECTOR_PREFIX}* tensors), as a language model with "
+                              "a separate tower does not: pass VideoLLaMA2's projector file with --mm_projector "
+                              "(mm_projector.bin of the Base release)")
     else:
         rules += _prefixed(stc_rules(config.stc), "connector/", PROJECTOR_PREFIX)
     # F and G: seeded fresh init (CycleGAN's N(0, 0.02)), different keys for the two.

@@ -13,12 +13,13 @@ from exo2ego_jax.data import ego_exo4d, egoit, synthetic
 from exo2ego_jax.data.builders import build_ego_exo_clip, build_ego_it, format_summary
 from exo2ego_jax.data.skips import SkipLog
 from exo2ego_jax.errors import run_cli
+from exo2ego_jax.paths import absolute
 
 
 # -------------------------------------------------------------------------------------------------- CLI
 
 def _engine_args(p):
-    p.add_argument("--out", required=True, help="records folder (one sub-folder per dataset name)")
+    p.add_argument("--out", type=absolute, required=True, help="records folder (one sub-folder per dataset name)")
     p.add_argument("--num_frames", type=int, default=16)
     p.add_argument("--store_size", type=int, default=336, help="short side of stored frames (pixels)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ego_exo_clip", help="Ego-ExoClip records from an Ego-Exo4D download")
-    p.add_argument("--src", required=True, help="Ego-Exo4D root (takes.json, annotations/, takes/)")
+    p.add_argument("--src", type=absolute, required=True, help="Ego-Exo4D root (takes.json, annotations/, takes/)")
     p.add_argument("--alpha", type=float, default=ego_exo4d.EGOCLIP_ALPHA, help="EgoClip window scale (s)")
     p.add_argument("--downscaled", action="store_true", help="read frame_aligned_videos/downscaled/448/")
     p.add_argument("--keep_unsure", action="store_true")
@@ -49,19 +50,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--splits", default="train,val")
     _engine_args(p)
     p = sub.add_parser("ego_it", help="EgoIT records from conversation JSON files")
-    p.add_argument("--src", required=True, help="video root the JSON 'video' paths are relative to")
-    p.add_argument("--json", required=True, nargs="+", help="conversation JSON file(s)")
+    p.add_argument("--src", type=absolute, required=True, help="video root the JSON 'video' paths are relative to")
+    p.add_argument("--json", type=absolute, required=True, nargs="+", help="conversation JSON file(s)")
     p.add_argument("--split", default="train")
     p.add_argument("--name", default="ego_it")
     _engine_args(p)
     p = sub.add_parser("convert", help="one EgoIT source's annotations -> conversation JSON")
     p.add_argument("source", choices=egoit.SOURCES)
-    p.add_argument("--src", required=True, help="the source's annotation folder")
-    p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--src", type=absolute, required=True, help="the source's annotation folder")
+    p.add_argument("--out", type=absolute, required=True, help="output JSON file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--video_prefix", default="")
     p = sub.add_parser("synthetic", help="the synthetic ego-exo dataset (raw files and records)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=absolute, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="demo", help="size preset of exo2ego_jax.data.synthetic")
     a = parser.parse_args(argv)

@@ -99,7 +99,7 @@ def build_dataset(name: str, units: Sequence, decode: Callable[..., Decoded], ou
     if not units:
         raise DataError(f"{name}: nothing to build (0 usable items); the summary of skips: "
                         f"{(planning_skips or SkipLog()).as_dict()}")
-    with FolderLock(os.path.join(out, ".locks", name), what=f"records build {name!r} in"):
+    with FolderLock(os.path.join(out, ".locks", name), what=f"records build of {name!r}"):
         return _build_locked(name, units, decode, out, settings=settings, planning_skips=planning_skips,
                              workers=workers, chunk_size=chunk_size, show_progress=show_progress, restart=restart,
                              keep_work=keep_work, description=description, splits_expected=splits_expected)

@@ -26,7 +26,7 @@ from exo2ego_jax.data import template
 from exo2ego_jax.data.preprocess import clip_frames
 from exo2ego_jax.data.records import decode_text, open_records
 from exo2ego_jax.data.tokenizer import load_tokenizer
-from exo2ego_jax.errors import ConfigError, DataError
+from exo2ego_jax.errors import ConfigError, DataError, Exo2EgoError
 
 log = logging.getLogger(__name__)
 DATASET_NAMES = {"ego_exo_clip": "ego_exo_clip", "ego_it": "ego_it", "records": ""}
@@ -173,7 +173,17 @@ class GrainBatchIterator:
         return self
 
     def __next__(self) -> dict:
-        return next(self._iter)
+        try:
+            return next(self._iter)
+        except (StopIteration, Exo2EgoError):
+            raise
+        except Exception as e:  # Grain re-raises a worker's error in its own type: find ours in the chain
+            cause = e
+            while cause is not None and not isinstance(cause, Exo2EgoError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise cause from e
+            raise
 
     def reset(self) -> None:
         self._iter = iter(self._loader)

@@ -114,7 +114,36 @@ def open_records(root: str, split: str):
     if split not in builder.info.splits:
         raise DataError(f"records at {root!r} have splits {sorted(builder.info.splits)}, not {split!r}; set "
                         "data.split / data.eval_split to one of them")
-    return builder.as_data_source(split=split)
+    try:
+        source = builder.as_data_source(split=split)
+    except Exception as e:  # a damaged shard can fail already here (array_record reads each file's footer)
+        raise DataError(f"the {split!r} records at {root!r} cannot be opened ({type(e).__name__}: "
+                        f"{_first_line(e)}); a record file is corrupt or truncated: rebuild them with "
+                        "`python -m exo2ego_jax.data.build ... --restart`", "corrupt records") from e
+    return CheckedSource(source, root, split)
+
+
+class CheckedSource:
+    """A record source whose read errors name the records folder, the split and the record, with the fix."""
+
+    def __init__(self, source, root: str, split: str):
+        self.source, self.root, self.split = source, root, split
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        try:
+            return self.source[index]
+        except Exception as e:
+            raise DataError(f"record {index} of the {self.split!r} records at {self.root!r} cannot be read "
+                            f"({type(e).__name__}: {_first_line(e)}); a record file is corrupt or truncated: rebuild "
+                            "them with `python -m exo2ego_jax.data.build ... --restart`", "corrupt records") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
 
 
 def split_sizes(root: str) -> dict[str, int]:

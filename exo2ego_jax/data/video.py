@@ -30,9 +30,11 @@ def safe_join(root: str, relative: str) -> str:
     if os.path.isabs(relative):
         raise DataError(f"video path {relative!r} is absolute; annotation paths must be relative to the data "
                         f"root {root!r}", "video path outside the data root")
-    root_real = os.path.realpath(root)
-    path = os.path.realpath(os.path.join(root_real, relative))
-    if os.path.commonpath([root_real, path]) != root_real:
+    # Lexical containment: `..` may not leave the root, but a symlinked folder inside it (takes/ on another disk)
+    # is inside it, wherever it points.
+    root_abs = os.path.abspath(root)
+    path = os.path.normpath(os.path.join(root_abs, relative))
+    if os.path.commonpath([root_abs, path]) != root_abs:
         raise DataError(f"video path {relative!r} escapes the data root {root!r}; fix the annotation file",
                         "video path outside the data root")
     return path

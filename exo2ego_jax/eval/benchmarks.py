@@ -354,8 +354,9 @@ def item_problem(item: Item, kind: str, root: str) -> str | None:
     """Why an item cannot be scored (a malformed annotation), or None."""
     if not item.video:
         return "no video path"
-    real_root = os.path.realpath(root)
-    if os.path.commonpath([real_root, os.path.realpath(item.video)]) != real_root:
+    # lexical, like data.video.safe_join: `..` may not leave the root, a symlinked folder inside it is inside it
+    root_abs = os.path.abspath(root)
+    if os.path.commonpath([root_abs, os.path.normpath(os.path.abspath(item.video))]) != root_abs:
         return f"video path {item.video!r} is outside the data root {root!r}"
     if kind in ("mcq", "multilabel", "retrieval"):
         options = item.options

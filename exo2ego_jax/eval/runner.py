@@ -23,6 +23,7 @@ from exo2ego_jax.eval.benchmarks import (AVG_METRICS, BENCHMARKS, DATA_DIRS, PAP
                                          average, item_problem)
 from exo2ego_jax.errors import ConfigError, DataError
 from exo2ego_jax.eval.metrics import parse_choice
+from exo2ego_jax.locks import FolderLock
 from exo2ego_jax.serve.inference import clip_pixels, generate_answers
 from exo2ego_jax.serve.scoring import option_losses, option_rows
 
@@ -113,10 +114,61 @@ def _read_predictions(path: str) -> list[dict]:
     return out
 
 
+SOURCE_FILE = "predictions_source.json"  # what the predictions beside it came from
+
+
+def checkpoint_identity(path: str) -> dict:
+    """Where a checkpoint is and which version of it: its real path and the newest change to its files (an
+    export written again into the same folder is another model)."""
+    if not path:
+        return {"checkpoint": "", "modified": 0.0}
+    newest = 0.0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            newest = max(newest, os.path.getmtime(os.path.join(dirpath, f)))
+    return {"checkpoint": os.path.realpath(path), "modified": round(newest, 3)}
+
+
+def prediction_source(model, name: str, data_root: str, settings: EvalSettings, load_options: dict | None) -> dict:
+    """Everything a benchmark's predictions depend on: the model (checkpoint, its version, the fusion it reads
+    with), the prompt and scoring settings, and the benchmark's data and options."""
+    fields = ("mode", "fallback", "prompt", "max_new_tokens", "open_max_new_tokens", "aspect")
+    return {**checkpoint_identity(getattr(model, "path", "")), "fusion": getattr(model.config, "fusion", None),
+            "benchmark": name, "data_root": os.path.realpath(data_root),
+            **{k: getattr(settings, k) for k in fields},
+            "load_options": json.loads(json.dumps(load_options or {}, default=str))}
+
+
+def check_prediction_source(bench_dir: str, source: dict, *, overwrite: bool) -> None:
+    """Predictions in `bench_dir` are reused only when they came from the same source; otherwise refused with
+    the differences named, or discarded when `overwrite`."""
+    pred_path = os.path.join(bench_dir, "predictions.jsonl")
+    path = os.path.join(bench_dir, SOURCE_FILE)
+    if os.path.exists(pred_path):
+        try:
+            with open(path) as f:
+                recorded = json.load(f)
+        except (OSError, ValueError):
+            recorded = {}
+        changed = [f"{k}: {recorded.get(k, '(not recorded)')!r} -> {v!r}" for k, v in source.items()
+                   if recorded.get(k) != v]
+        if changed and not overwrite:
+            raise ConfigError(f"{bench_dir} holds predictions of another evaluation ({'; '.join(changed)}); give "
+                              "another --out, or --overwrite to discard them and score again")
+        if changed:
+            log.warning("%s: discarding predictions of another evaluation (%s)", bench_dir, "; ".join(changed))
+            os.remove(pred_path)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(source, f, indent=1)
+    os.replace(tmp, path)
+
+
 def run_benchmark(name: str, data_root: str, model, out_dir: str, *, settings: EvalSettings = EvalSettings(),
                   load_options: dict | None = None, judge: Callable | None = None,
-                  show_progress: bool = True, items: list | None = None) -> dict:
-    """Predict every item not yet in `out_dir/name/predictions.jsonl`, then compute the metrics."""
+                  show_progress: bool = True, items: list | None = None, overwrite: bool = False) -> dict:
+    """Predict every item not yet in `out_dir/name/predictions.jsonl` (kept only if they came from the same
+    model and settings, `check_prediction_source`), then compute the metrics."""
     if name not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
     bench = BENCHMARKS[name]
@@ -128,6 +180,8 @@ def run_benchmark(name: str, data_root: str, model, out_dir: str, *, settings: E
         raise DataError(f"{name}: no items under {data_root!r}")
     bench_dir = os.path.join(out_dir, name)
     os.makedirs(bench_dir, exist_ok=True)
+    check_prediction_source(bench_dir, prediction_source(model, name, data_root, settings, load_options),
+                            overwrite=overwrite)
     pred_path = os.path.join(bench_dir, "predictions.jsonl")
     records = {r["uid"]: r for r in _read_predictions(pred_path)}
     with open(pred_path, "w") as f:  # rewrite without a line an interruption cut short, then append
@@ -194,8 +248,17 @@ def results_table(metrics: dict) -> str:
 
 
 def run_suite(names: Sequence[str], data_root: str, model, out_dir: str, *, settings: EvalSettings,
-              load_options: dict | None = None, judge=None, show_progress: bool = True) -> dict:
-    """Each benchmark from `data_root/<its folder>`; writes results.json and results.md in `out_dir`."""
+              load_options: dict | None = None, judge=None, show_progress: bool = True,
+              overwrite: bool = False) -> dict:
+    """Each benchmark from `data_root/<its folder>`; writes results.json and results.md in `out_dir`, which is
+    locked while the evaluation writes it (a second evaluation into it is refused)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with FolderLock(out_dir, what="evaluation output folder"):
+        return _run_suite(names, data_root, model, out_dir, settings=settings, load_options=load_options,
+                          judge=judge, show_progress=show_progress, overwrite=overwrite)
+
+
+def _run_suite(names, data_root, model, out_dir, *, settings, load_options, judge, show_progress, overwrite):
     metrics = {}
     for name in names:
         root = os.path.join(data_root, DATA_DIRS.get(name, name))
@@ -203,8 +266,7 @@ def run_suite(names: Sequence[str], data_root: str, model, out_dir: str, *, sett
             root = data_root  # a single benchmark may be pointed at its own folder directly
         metrics.update(run_benchmark(name, root, model, out_dir, settings=settings,
                                      load_options=(load_options or {}).get(name), judge=judge,
-                                     show_progress=show_progress))
-    os.makedirs(out_dir, exist_ok=True)
+                                     show_progress=show_progress, overwrite=overwrite))
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"metrics": metrics, "avg": average(metrics), "settings": dataclasses.asdict(settings),
                    "checkpoint": getattr(model, "path", "")}, f, indent=1)

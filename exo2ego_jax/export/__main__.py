@@ -19,14 +19,15 @@ import sys
 from exo2ego_jax.errors import run_cli
 from exo2ego_jax.export.exporters import EXPORTERS
 from exo2ego_jax.export.safetensors_writer import DTYPES
+from exo2ego_jax.paths import absolute
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m exo2ego_jax.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("format", choices=sorted(EXPORTERS))
-    p.add_argument("--checkpoint", required=True, help="the exo2ego_jax checkpoint folder")
-    p.add_argument("--out", required=True, help="a new folder for the export")
+    p.add_argument("--checkpoint", type=absolute, required=True, help="the exo2ego_jax checkpoint folder")
+    p.add_argument("--out", type=absolute, required=True, help="a new folder for the export")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="storage dtype of the tensors")
     p.add_argument("--base_model", default="", help="peft: base_model_name_or_path in adapter_config.json")
     return p

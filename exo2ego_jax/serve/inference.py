@@ -43,7 +43,8 @@ class LoadedModel:
 
 def load_model(checkpoint: str, *, dtype=None, fusion: str | None = None) -> LoadedModel:
     """The checkpoint's model, params and tokenizer. The model feeds its LLM with the fusion recorded in the
-    checkpoint (the one it was trained with); `fusion` overrides it ("none": x only, "tokens", "frames")."""
+    checkpoint (the one it was trained with); `fusion` overrides it (models.exo2ego.FUSIONS: "none" x only,
+    "mapped" F(x) only, "tokens" or "frames" both)."""
     overrides = {"fusion": fusion} if fusion else {}
     module, params = load_pretrained(checkpoint, dtype=dtype, **overrides)
     return LoadedModel(module, params, load_tokenizer(checkpoint), checkpoint)

@@ -16,6 +16,8 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
+from exo2ego_jax.errors import storage_problem
+
 log = logging.getLogger(__name__)
 
 
@@ -67,3 +69,31 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def complete_steps(directory: str) -> list[int]:
+    """The steps of the complete checkpoints in `directory` (Orbax writes into a temporary name first)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def last_checkpoint_note(workdir: str) -> str:
+    """' (step N in WORKDIR/checkpoints)', or ' (none was written yet)'."""
+    directory = os.path.join(workdir, "checkpoints")
+    steps = complete_steps(directory)
+    return f" (step {steps[-1]} in {directory})" if steps else " (none was written yet: it starts over)"
+
+
+class WorkerErrorFilter(logging.Filter):
+    """Drops the tracebacks Orbax (and asyncio under it) log when a writer thread fails: the same exception is
+    raised again in the thread that waits for the write, where the training CLI reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        message = record.getMessage()
+        if "raised an exception" in message and "Thread" in message:
+            return False
+        failure = record.exc_info[1] if record.exc_info else None
+        return storage_problem(failure) is None and storage_problem(Exception(message)) is None

@@ -10,6 +10,7 @@ import argparse
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 
 import jax
@@ -17,7 +18,9 @@ import jax
 from exo2ego_jax import device_memory
 from exo2ego_jax.configfile import load_config_file, split_config_args
 from exo2ego_jax.errors import ConfigError, run_cli
+from exo2ego_jax.train.checkpointing import WorkerErrorFilter, last_checkpoint_note
 from exo2ego_jax.train.loop import train
+from exo2ego_jax.paths import absolute
 
 EXAMPLES = """\
 config overrides (any field of the config file, typed by the field; see configs/base.py):
@@ -37,7 +40,8 @@ def parser(stage_file: str) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE:PRESET", help=f"config file and preset, e.g. configs/{stage_file}.py:7b "
                                                            "(presets: tiny, demo, 7b)")
-    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard and the export go here")
+    p.add_argument("--workdir", type=absolute, required=True,
+                   help="checkpoints, metrics.jsonl, TensorBoard and the export go here")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar")
     p.add_argument("--noprogress", dest="progress", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--distributed", action="store_true",
@@ -65,17 +69,33 @@ def init_distributed(a) -> None:
         jax.distributed.initialize()
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's preemption, `kill`): unwinds the training loop so its cleanup runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(stage_file: str, default_config: str, argv: list[str]) -> int:
     path, preset, overrides, rest = split_config_args(argv, default=default_config)
     a = parser(stage_file).parse_args(rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:  # absl's and asyncio's records reach the root's handlers
+        handler.addFilter(WorkerErrorFilter())
     # On GPUs JAX grabs 75% of the memory by default; the train step needs most of it (the figures of
     # launch/aot_compile.py are against the whole device).
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     c = load_config_file(path, preset, overrides)
     init_distributed(a)
-    result = train(c, a.workdir, show_progress=a.progress)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        result = train(c, a.workdir, show_progress=a.progress, explicit=set(overrides))
+    except Terminated:  # the loop's cleanup ran on the way out: pending checkpoint writes finished
+        print(f"stopped by SIGTERM; relaunch the same command to resume from the last complete checkpoint"
+              f"{last_checkpoint_note(a.workdir)}", file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM
     if result.metrics:
         last = next((m for m in reversed(result.metrics) if "loss" in m), None)
         if last is not None:

@@ -7,13 +7,15 @@ builds the model / loss / stage objects. Everything downstream (state, step, dat
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
 import ml_collections
 
-from exo2ego_jax.checkpoints import CONFIG_FILE, TOKENIZER_FILES, read_model_config
+from exo2ego_jax.checkpoints import CONFIG_FILE, TOKENIZER_FILES, read_model_config, stored_model_config
 from exo2ego_jax.errors import ConfigError
+from exo2ego_jax.locks import FolderLock
 from exo2ego_jax.losses import LossConfig
 from exo2ego_jax.models.clip import CLIPVisionConfig
 from exo2ego_jax.models.exo2ego import SUBMODULES, Exo2EgoConfig
@@ -21,6 +23,7 @@ from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mapper import MapperConfig
 from exo2ego_jax.models.mistral import MistralConfig
 from exo2ego_jax.models.stc import STCConfig
+from exo2ego_jax.paths import absolute
 from exo2ego_jax.sharding import FROZEN_LAYOUTS
 from exo2ego_jax.train.stages import STAGES, StageSpec, get_stage
 
@@ -40,6 +43,10 @@ SECTION_MODULES = {"clip": ("ego_encoder", "exo_encoder"), "llm": ("llm",), "stc
                    "mapper": ("mapper_f", "mapper_g")}
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _require(cond: bool, field: str, message: str) -> None:
     if not cond:
         raise ConfigError(f"config field {field!r}: {message}")
@@ -54,7 +61,13 @@ def validate(c) -> None:
     _require(c.per_device_batch >= 0, "per_device_batch", f"must be >= 0 (0: use microbatches), got {c.per_device_batch}")
     _require(c.microbatches > 0 and c.batch_size % c.microbatches == 0, "microbatches",
              f"{c.microbatches} must be positive and divide batch_size {c.batch_size}")
-    _require(c.optim.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {c.optim.learning_rate}")
+    _require(_finite(c.optim.learning_rate) and c.optim.learning_rate > 0, "optim.learning_rate",
+             f"must be a finite number > 0, got {c.optim.learning_rate}")
+    for weight in ("vtg_weight", "cycle_weight", "kl_weight"):
+        value = c.loss[weight]
+        _require(_finite(value) and value >= 0, f"loss.{weight}", f"must be a finite number >= 0, got {value}")
+    _require(_finite(c.loss.kl_temperature) and c.loss.kl_temperature > 0, "loss.kl_temperature",
+             f"must be a finite number > 0, got {c.loss.kl_temperature}")
     _require(0 <= c.optim.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {c.optim.warmup_ratio}")
     _require(c.optim.schedule in SCHEDULES, "optim.schedule", f"{c.optim.schedule!r} is not one of {SCHEDULES}")
     _require(c.optim.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {c.optim.grad_clip}")
@@ -74,8 +87,8 @@ def validate(c) -> None:
     _require(c.data.seq_len > 0, "data.seq_len", f"must be positive, got {c.data.seq_len}")
     _require(c.data.worker_count >= 0, "data.worker_count", f"must be >= 0, got {c.data.worker_count}")
     _require(c.data.aspect in ("crop", "pad"), "data.aspect", f"{c.data.aspect!r} is not 'crop' or 'pad'")
-    _require(all(int(b) > 0 for b in c.data.text_buckets), "data.text_buckets",
-             f"must be positive lengths, got {tuple(c.data.text_buckets)}")
+    _require(all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in c.data.text_buckets),
+             "data.text_buckets", f"must be positive integer lengths, e.g. (256, 512), got {tuple(c.data.text_buckets)}")
     if c.data.source != "toy":
         _require(bool(c.data.root), "data.root", f"is empty; data.source={c.data.source!r} reads records built by "
                  "`python -m exo2ego_jax.data.build ... --out DIR`: set data.root=DIR")
@@ -130,6 +143,33 @@ def tokenizer_dir(c) -> str:
     return c.data.tokenizer or c.init.checkpoint or ""
 
 
+STAGE_ORDER = ("init", "stage1", "stage2", "stage3")
+
+
+def check_stage_order(c, source_stage: str | None, path: str) -> None:
+    """A stage starts from an earlier stage's export (or its own, to continue it); a later stage's export is
+    refused unless `init.allow_later_stage` says it is intended."""
+    if source_stage not in STAGE_ORDER or c.stage not in STAGE_ORDER or c.init.get("allow_later_stage", False):
+        return
+    index = STAGE_ORDER.index(c.stage)
+    if STAGE_ORDER.index(source_stage) > index:
+        previous = f"the workdir of {STAGE_ORDER[index - 1]}" if index else "a converted checkpoint"
+        raise ConfigError(f"config field 'init.from_workdir': {path} is the export of {source_stage}, which comes "
+                          f"after {c.stage}; start {c.stage} from {previous}, or set "
+                          "--config.init.allow_later_stage=True if this is intended")
+
+
+def describe_init(path: str | None) -> str:
+    """One line naming what a run starts from: the stage and step of an export, or a converted checkpoint."""
+    if path is None:
+        return "init: a seeded random init"
+    meta = read_model_config(path)
+    if meta.get("stage"):
+        step = f" at step {meta['step']}" if meta.get("step") is not None else ""
+        return f"init: {path}, the export of {meta['stage']}{step}"
+    return f"init: {path} ({meta.get('kind', 'checkpoint')})"
+
+
 def resolve_init(c) -> str | None:
     """The checkpoint the params start from (None: a seeded random init, tiny/demo only)."""
     if c.init.checkpoint:
@@ -139,11 +179,17 @@ def resolve_init(c) -> str | None:
                               f"{CONFIG_FILE}); convert one with `python -m exo2ego_jax.convert videollama2 ...`")
         return path
     if c.init.from_workdir:
+        holder = FolderLock(c.init.from_workdir).live_holder()
+        if holder is not None:
+            raise ConfigError(f"config field 'init.from_workdir': {c.init.from_workdir!r} is in use by a live run (pid "
+                              f"{holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}); its export "
+                              "is from an earlier run or not written yet: wait for that run to finish")
         path = os.path.join(c.init.from_workdir, EXPORT_DIR)
         if not os.path.exists(os.path.join(path, CONFIG_FILE)):
             raise ConfigError(f"config field 'init.from_workdir': {c.init.from_workdir!r} has no finished export "
                               f"({path}); run the previous stage to the end, or set init.checkpoint to a converted "
                               "checkpoint")
+        check_stage_order(c, read_model_config(path).get("stage"), path)
         return path
     if not c.init.allow_random:
         raise ConfigError("config field 'init.checkpoint': no init checkpoint or previous-stage workdir is set and "
@@ -151,20 +197,25 @@ def resolve_init(c) -> str | None:
     return None
 
 
-def checkpoint_model_config(path: str, c, run_cfg: Exo2EgoConfig) -> Exo2EgoConfig:
-    """The init checkpoint's architecture with this run's runtime fields.
+def checkpoint_model_config(path: str, c, run_cfg: Exo2EgoConfig, explicit=None) -> tuple[Exo2EgoConfig, list[str]]:
+    """The init checkpoint's architecture with this run's runtime fields, and lines saying what was taken.
 
-    A model field the config sets that the checkpoint cannot satisfy (a mapper of another kind, another width)
-    is an error naming the field, unless the modules it belongs to are listed in `init.reinit`: those take the
-    config's architecture and start from a fresh seeded init.
+    A model field the config sets differently from the checkpoint is taken from the checkpoint when the command
+    line did not set it (`explicit`: the dotted override keys; None counts every field as set, as for a config
+    built in code), and noted. Fields set explicitly that the checkpoint cannot satisfy (another width, a mapper
+    of another kind) are refused together in one message, unless the modules they belong to are listed in
+    `init.reinit`: those take the config's architecture and start from a fresh seeded init.
     """
     meta = read_model_config(path)
     if meta["kind"] != "exo2ego":
         raise ConfigError(f"init checkpoint {path!r} holds a {meta['kind']!r} model; stages start from an exo2ego "
                           "checkpoint (python -m exo2ego_jax.convert videollama2 ...) or a previous stage's export")
+    stored_model_config(path, meta)  # a model_config.json that describes no model is named here, not later
     stored = meta["config"]
     reinit = set(c.init.reinit)
+    is_explicit = (lambda flag: True) if explicit is None else (lambda flag: flag in explicit)
     merged: dict[str, Any] = {}
+    taken, conflicts = [], []
     for section, runtime in RUNTIME_FIELDS.items():
         ours = dataclasses.asdict(getattr(run_cfg, section))
         theirs = dict(stored.get(section, {}))
@@ -175,15 +226,27 @@ def checkpoint_model_config(path: str, c, run_cfg: Exo2EgoConfig) -> Exo2EgoConf
             if field in runtime or theirs.get(field, ours[field]) == ours[field]:
                 continue
             flag = f"model.{section}.{field}"
-            raise ConfigError(
-                f"config field {flag!r} is {ours[field]!r} but the init checkpoint {path!r} was built with "
-                f"{theirs.get(field)!r}; set --config.{flag}={theirs.get(field)!r}, or re-initialise "
-                f"{'/'.join(SECTION_MODULES[section])} with --config.init.reinit='{SECTION_MODULES[section]!r}'")
+            if is_explicit(flag):
+                conflicts.append((flag, ours[field], theirs.get(field), SECTION_MODULES[section]))
+            else:
+                taken.append(f"{flag}={theirs[field]!r} (the preset says {ours[field]!r})")
         merged[section] = {**theirs, **{k: ours[k] for k in runtime}}
         if section == "mapper" and "channels" in merged[section]:
             merged[section]["channels"] = theirs.get("channels", ours["channels"])
-    top = dict(fusion=run_cfg.fusion, length_buckets=run_cfg.length_buckets, num_frames=run_cfg.num_frames)
-    return Exo2EgoConfig.from_dict({**stored, **merged, **top})
+    if conflicts:
+        shown = "; ".join(f"--config.{flag}={mine!r} but the checkpoint has {theirs!r}" for flag, mine, theirs, _ in
+                          conflicts)
+        modules = sorted({m for *_, mods in conflicts for m in mods})
+        raise ConfigError(f"the init checkpoint {path!r} was built with other sizes than the command line sets: "
+                          f"{shown}. Drop these overrides to take the checkpoint's, or re-initialise "
+                          f"{'/'.join(modules)} with --config.init.reinit='{tuple(modules)!r}'")
+    num_frames = run_cfg.num_frames
+    if stored.get("num_frames", num_frames) != num_frames and not is_explicit("model.num_frames"):
+        taken.append(f"model.num_frames={stored['num_frames']} (the preset says {num_frames}; the data follows)")
+        num_frames = stored["num_frames"]
+    top = dict(fusion=run_cfg.fusion, length_buckets=run_cfg.length_buckets, num_frames=num_frames)
+    notes = [f"architecture from the init checkpoint {path}: " + ", ".join(taken)] if taken else []
+    return Exo2EgoConfig.from_dict({**stored, **merged, **top}), notes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +258,7 @@ class Run:
     stage: StageSpec
     init_path: str | None
     tokenizer_dir: str
+    notes: tuple[str, ...] = ()   # what the run took from its init checkpoint (printed at start)
 
     @property
     def views(self) -> tuple[str, ...]:
@@ -236,12 +300,24 @@ def resolve_for_compile(c) -> Run:
                tokenizer_dir="")
 
 
-def resolve(c) -> Run:
-    """Validate `c` and derive the model, loss and stage once."""
+# Config fields holding paths: made absolute once, so the run (and its recorded config) means the same from any
+# current directory.
+PATH_FIELDS = (("init", "checkpoint"), ("init", "from_workdir"), ("data", "root"), ("data", "tokenizer"))
+
+
+def absolute_paths(c) -> None:
+    for section, field in PATH_FIELDS:
+        c[section][field] = absolute(c[section][field])
+
+
+def resolve(c, explicit=None) -> Run:
+    """Validate `c` (its path fields made absolute) and derive the model, loss and stage once. `explicit`: the
+    config fields the command line set (see `checkpoint_model_config`)."""
+    absolute_paths(c)
     validate(c)
     init_path = resolve_init(c)
-    model = model_config(c)
+    model, notes = model_config(c), []
     if init_path is not None:
-        model = checkpoint_model_config(init_path, c, model)
+        model, notes = checkpoint_model_config(init_path, c, model, explicit)
     return Run(config=c, model=model, loss=loss_config(c), stage=stage_spec(c), init_path=init_path,
-               tokenizer_dir=tokenizer_dir(c))
+               tokenizer_dir=tokenizer_dir(c), notes=tuple(notes))

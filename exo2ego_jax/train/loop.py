@@ -23,16 +23,17 @@ from tqdm import tqdm
 from exo2ego_jax.checkpoints import copy_tokenizer_files, write_checkpoint
 from exo2ego_jax.data.loader import make_iterator
 from exo2ego_jax.data.template import write_chat_template
-from exo2ego_jax.errors import Exo2EgoError
+from exo2ego_jax.errors import Exo2EgoError, StorageError, storage_problem
 from exo2ego_jax.locks import FolderLock
 from exo2ego_jax.models.exo2ego import Exo2Ego
 from exo2ego_jax.models.lora import merge_lora
 from exo2ego_jax.models.params import combine_params
+from exo2ego_jax.paths import absolute
 from exo2ego_jax.sharding import create_mesh, rules_for
 from exo2ego_jax.train import config as config_lib
 from exo2ego_jax.train import state as state_lib
 from exo2ego_jax.train.batches import agree_on_text_width, batch_fingerprint, global_batch, to_model_batch
-from exo2ego_jax.train.checkpointing import TrainCheckpointer
+from exo2ego_jax.train.checkpointing import TrainCheckpointer, last_checkpoint_note
 from exo2ego_jax.train.config import EXPORT_DIR, Run
 from exo2ego_jax.train.metrics import MetricsLogger
 from exo2ego_jax.train.optim import make_optimizer
@@ -155,15 +156,27 @@ def prepare(run: Run, mesh=None) -> Setup:
     return Setup(run, mesh, build, data, steps, state, frozen, n_trainable, n_frozen)
 
 
-def train(c, workdir: str, *, show_progress: bool = True) -> TrainResult:
-    """Train the stage `c` describes in `workdir` (resuming what is there), under the workdir's lock."""
-    run = config_lib.resolve(c)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() != 0:
-        return _train(run, workdir, show_progress=show_progress)
-    with FolderLock(workdir, what="workdir"):
-        record_config(workdir, c.to_dict(), force=bool(c.force_new_config))
-        return _train(run, workdir, show_progress=show_progress)
+def train(c, workdir: str, *, show_progress: bool = True, explicit=None) -> TrainResult:
+    """Train the stage `c` describes in `workdir` (resuming what is there), under the workdir's lock.
+    `explicit`: the config fields the command line set (the others follow the init checkpoint's architecture)."""
+    workdir = absolute(workdir)
+    run = config_lib.resolve(c, explicit)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        if jax.process_index() != 0:
+            return _train(run, workdir, show_progress=show_progress)
+        with FolderLock(workdir, what="workdir"):
+            record_config(workdir, c.to_dict(), force=bool(c.force_new_config))
+            return _train(run, workdir, show_progress=show_progress)
+    except Exo2EgoError:
+        raise
+    except Exception as e:
+        problem = storage_problem(e)
+        if problem is None:
+            raise
+        raise StorageError(f"writing to the workdir {workdir!r} failed: {problem}. Free space or point --workdir at "
+                           f"writable storage, then relaunch the same command: it resumes from the last complete "
+                           f"checkpoint{last_checkpoint_note(workdir)}") from e
 
 
 def _train(run: Run, workdir: str, *, show_progress: bool) -> TrainResult:
@@ -192,6 +205,9 @@ def _train(run: Run, workdir: str, *, show_progress: bool) -> TrainResult:
                                                rules=build.rules), layout)
     logger = MetricsLogger(workdir, enabled=is_main, resume_step=start)
     history = []
+    _print(is_main, config_lib.describe_init(run.init_path))
+    for line in run.notes:
+        _print(is_main, line)
     _print(is_main, f"{c.stage}: {setup.n_trainable / 1e6:.2f}M trainable / {setup.n_frozen / 1e6:.2f}M frozen "
                     f"params, mesh {dict(mesh.shape)}, {steps} steps of {c.batch_size} "
                     f"(x{build.microbatches} microbatches)")
@@ -257,7 +273,7 @@ def _train(run: Run, workdir: str, *, show_progress: bool) -> TrainResult:
         checkpointer.wait()
         export_dir = None
         if c.export.enabled:
-            export_dir = export(run, workdir, module, state["trainable"], frozen)
+            export_dir = export(run, workdir, module, state["trainable"], frozen, step=steps)
             _print(is_main, f"exported {export_dir}")
         return TrainResult(workdir, steps, history, export_dir)
     finally:
@@ -279,7 +295,7 @@ def evaluate(eval_fn, eval_data, trainable, frozen, layout, mesh, c, compute_dty
     return {f"eval_{k}": v / c.eval_batches for k, v in totals.items() if k != "num_targets"}
 
 
-def export(run: Run, workdir: str, module, trainable, frozen) -> str:
+def export(run: Run, workdir: str, module, trainable, frozen, *, step: int | None = None) -> str:
     """Full params (trainable + frozen) as a load_pretrained checkpoint; LoRA merged when configured.
 
     The exported model config carries the fusion this stage trained with, so evaluation and inference feed
@@ -295,7 +311,7 @@ def export(run: Run, workdir: str, module, trainable, frozen) -> str:
     if jax.process_index() == 0 and os.path.exists(target):  # a resumed, already-finished run exports again
         shutil.rmtree(target)
     write_checkpoint(target, params, kind="exo2ego", config=cfg.to_dict(), dtype=c.frozen_dtype, stage=c.stage,
-                     view=run.stage.view)
+                     view=run.stage.view, step=step)
     copied = copy_tokenizer_files(run.tokenizer_dir, target)
     if jax.process_index() == 0 and copied:  # the prompts this model was trained on, for apply_chat_template
         write_chat_template(target)
