@@ -11,7 +11,7 @@ PY312 = 'python_version>="3.12"'
 
 INSTALL_REQUIRES = [
     f"jax==0.10.2; {PY311}",
-    f"jax>=0.11.2,<0.12; {PY312}",
+    f"jax>=0.11.2,<0.13; {PY312}",
     f"flax==0.12.8; {PY311}",
     f"flax>=0.12.8,<0.13; {PY312}",
     "optax>=0.2.8,<0.3",
@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets==4.9.10",
     "protobuf>=6.33.5,<8",
     "transformers>=5.17.0,<6",
+    "jinja2",               # transformers' apply_chat_template (exports carry the chat template)
     "safetensors>=0.8",
     "tokenizers>=0.23.1,<0.24",
     "av==18.1.0",
@@ -45,13 +46,12 @@ EXTRAS = {
         "psutil",
         "ruff",                     # the linter configuration in ruff.toml is a test
         "tensorboard",              # TensorBoard's own reader checks the event files
+        # Python 3.12 has no CPU-usable torch wheel here: the tests that use these references are skipped there
+        # (counted; tests/conftest.py), the rest run.
         f"torch==2.14.1; {PY311}",
         f"torchvision==0.29.1; {PY311}",
         f"timm==1.0.3; {PY311}",
-        f"torch>=2.11; {PY312}",
-        f"torchvision; {PY312}",
-        f"timm>=1.0.3; {PY312}",
-        "peft>=0.17",
+        f"peft>=0.17; {PY311}",
         "rouge-score",              # ROUGE-L reference for the QAEgo4D-open metric
         "nbclient", "nbformat", "ipykernel",  # the notebooks run in the test suite
     ],

@@ -15,10 +15,42 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import importlib.util
+import inspect
+import re
+
 import numpy as np
 import pytest
 
 from tests.helpers import TINY_CLIP, TINY_MISTRAL
+
+# The PyTorch references (torch, torchvision, timm, peft) install only where a CPU-usable wheel exists (the `test`
+# extra on Python 3.11). On another line, a test that uses them, directly or through a fixture, is skipped with
+# the reason (pytest counts the skips); everything else runs.
+_USES_TORCH = re.compile(r"\btorch\b|\btimm\b|\bpeft\b|torch_reference|build_videollama2|write_tiny_videollama2|"
+                         r"transformers\.(CLIP|Mistral|Llava)|make_hf_mistral|torch_seed|randomize_")
+
+
+def _uses_torch(item) -> bool:
+    funcs = [getattr(item, "function", None)]
+    for name in getattr(item, "fixturenames", ()):
+        funcs += [d.func for d in item._fixtureinfo.name2fixturedefs.get(name, ())]
+    for func in funcs:
+        try:
+            if func is not None and _USES_TORCH.search(inspect.getsource(func)):
+                return True
+        except (OSError, TypeError):
+            continue
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if importlib.util.find_spec("torch") is not None:
+        return
+    skip = pytest.mark.skip(reason="uses the PyTorch references (torch, timm, peft), not installed on this Python")
+    for item in items:
+        if _uses_torch(item):
+            item.add_marker(skip)
 
 
 def torch_seed(seed: int):

@@ -101,6 +101,12 @@ def test_paths_that_escape_the_data_root_are_rejected(tmp_path):
     root.mkdir()
     os.symlink(tmp_path / "elsewhere", root / "takes")
     assert safe_join(str(root), "takes/x.mp4") == os.path.join(str(root), "takes", "x.mp4")
+    # and evaluation items under it are inside the data root too
+    from exo2ego_jax.eval.benchmarks import Item, item_problem
+    inside = Item("u", os.path.join(str(root), "takes", "x.mp4"), "q?", ["a", "b"], 0, None, None)
+    outside = Item("u", os.path.join(str(root), "..", "x.mp4"), "q?", ["a", "b"], 0, None, None)
+    assert item_problem(inside, "mcq", str(root)) is None
+    assert "outside the data root" in item_problem(outside, "mcq", str(root))
     for bad in ("../secret.mp4", "a/../../x.mp4", "/etc/passwd"):
         with pytest.raises(DataError, match="data root|absolute"):
             safe_join(str(tmp_path), bad)

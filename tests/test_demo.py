@@ -23,6 +23,10 @@ def test_demo_runs_end_to_end(tmp_path):
     for _, acc, lo, hi in rows:
         assert 0 <= float(lo) <= float(acc) <= float(hi) <= 100
     assert re.search(r"Exo2Ego - baseline: [+-][\d.]+ points, 95% CI \[[+-][\d.]+, [+-][\d.]+\]", results)
+    # the F(x) probe after stage 2, with n and its interval, and the probe table for every stage
+    assert re.search(r"Linear probe of the action on F\(x\) after stage 2: [\d.]+% \[[\d.]+, [\d.]+\] \(n = 300;",
+                     results)
+    assert re.search(r"\| full \| stage2 \| [\d.]+ \[", results) and re.search(r"\| baseline \| stage3 \| ", results)
     for run in ("init", "stage1", "stage2", "stage3", "baseline captioning", "baseline stage3"):
         assert re.search(rf"\| {run} \| \d+ \|", results), run
     for job in ("init", "stage1", "stage2_full", "stage3_full", "caption_baseline", "stage3_baseline"):

@@ -45,12 +45,18 @@ SHORT = ("--config.num_train_steps=6", "--config.checkpoint_every=2", "--config.
 
 # ------------------------------------------------------------------------------------------ workdir lock
 
+def launch_and_hold(workdir, step: int):
+    """A stage-3 launch that waits, after its checkpoint `step` is written, to be killed or stopped."""
+    proc = launch("stage3", workdir, *SHORT, f"--config.hold_after_step={step}", wait=False)
+    for line in proc.stdout:
+        if f"HOLDING after checkpoint {step}" in line:
+            break
+    return proc
+
+
 @pytest.mark.slow
 def test_a_busy_workdir_is_refused_and_a_dead_holders_lock_taken_over(tmp_path):
-    first = launch("stage3", tmp_path, *SHORT, "--config.hold_after_step=2", wait=False)
-    for line in first.stdout:
-        if "HOLDING after checkpoint 2" in line:
-            break
+    first = launch_and_hold(tmp_path, 2)
     code, _, err = launch("stage3", tmp_path, *SHORT)
     line = one_error_line(err)
     assert code == 2 and f"pid {first.pid}" in line and "is in use" in line
@@ -406,10 +412,7 @@ def test_a_read_only_workdir_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_says_what_was_saved_and_a_relaunch_resumes(tmp_path):
-    first = launch("stage3", tmp_path, *SHORT, "--config.hold_after_step=4", wait=False)
-    for line in first.stdout:
-        if "HOLDING after checkpoint 4" in line:
-            break
+    first = launch_and_hold(tmp_path, 4)
     first.send_signal(signal.SIGTERM)
     _, err = first.communicate(timeout=120)
     assert first.returncode == 143

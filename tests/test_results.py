@@ -164,6 +164,21 @@ def test_ablation_quick_end_to_end(tmp_path):
     for c in r["comparisons"].values():
         assert c["ci95"][0] <= c["diff"] <= c["ci95"][1]
     assert (tmp_path / "results.md").read_text().startswith("# Ablation study")
+    # the premise it was run under, and the probes of every stage of every variant
+    assert r["setup"]["init_views"]["exo"] > 0.9 and r["setup"]["shared_tower"] is True
+    assert r["setup"]["mapper_residual"] is True
+    lr = r["setup"]["learning_rates"]
+    assert lr["stage1"] == lr["stage2"] > lr["stage3"]
+    assert set(r["probes"]["full"]) == {"init", "stage1", "stage2", "stage3"}
+    assert set(r["probes"]["baseline"]) == {"init", "stage2", "stage3"}  # its captioning run stands at stage 2
+    for stages in r["probes"].values():
+        for feats in stages.values():
+            assert set(feats) == {"x", "y", "Fx", "stc_x", "stc_Fx"}
+            for f in feats.values():
+                assert f["n"] == 3 and f["ci95"][0] <= f["accuracy"] <= f["ci95"][1]
+    # stage 2 logs how peaked the KL's target is, whatever the variant
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "seed0" / "stage2_full" / "metrics.jsonl").read_text().splitlines()]
+    assert all("kl_target_entropy" in m and "kl_target_top_mass" in m for m in rows if "loss" in m)
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for variant in variants:  # every variant went through the launch scripts and was scored on the same items
         assert (tmp_path / "runs" / "seed0" / f"stage3_{variant}" / "export" / "model_config.json").exists()

@@ -132,6 +132,9 @@ class CheckedSource:
     def __len__(self) -> int:
         return len(self.source)
 
+    def __repr__(self) -> str:  # Grain checks a restored iterator's source by its repr: the records' own
+        return repr(self.source)
+
     def __getitem__(self, index):
         try:
             return self.source[index]
