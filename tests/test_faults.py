@@ -391,23 +391,24 @@ def test_disk_full_while_checkpointing_is_one_line_and_a_relaunch_recovers(tmp_p
     assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 7))  # each step logged once
 
 
-def test_a_read_only_workdir_is_one_line(tmp_path):
-    from exo2ego_jax.errors import StorageError, storage_problem
+def test_a_read_only_workdir_is_one_line(tmp_path, monkeypatch):
     import errno
+    from exo2ego_jax.errors import StorageError, storage_problem
+    from exo2ego_jax.train import loop
     assert storage_problem(OSError(errno.EROFS, "x")) == "the folder is on a read-only filesystem"
+    assert storage_problem(RuntimeError("outer")) is None
     wrapped = ValueError('OUT_OF_RANGE: Failed writing: "/w/x": No space left on device')
-    assert storage_problem(RuntimeError("outer").with_traceback(None)) is None
     try:
         raise RuntimeError("outer") from wrapped
     except RuntimeError as e:
         assert storage_problem(e) == "no space left on the device"
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders; the classification above is what the CLI uses")
-    from exo2ego_jax.train.loop import train
-    (tmp_path / "ro").mkdir()
-    os.chmod(tmp_path / "ro", 0o500)
-    with pytest.raises(StorageError, match="not writable"):
-        train(stage_config("stage1", num_train_steps=1), str(tmp_path / "ro" / "w"), show_progress=False)
+    # root may write into any folder, so the filesystem's refusal is injected where train() creates the workdir
+    def refuse(path, exist_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+    monkeypatch.setattr(loop.os, "makedirs", refuse)
+    workdir = str(tmp_path / "w")
+    with pytest.raises(StorageError, match=rf"workdir '{workdir}' failed: the folder is on a read-only filesystem"):
+        loop.train(stage_config("stage1", num_train_steps=1), workdir, show_progress=False)
 
 
 @pytest.mark.slow

@@ -70,15 +70,7 @@ def seeds_by_variant(o: Options) -> dict[str, tuple[int, ...]]:
 def setup(overrides: dict) -> dict:
     """What the study's chain starts from and how fast each stage learns, read from the demo configs (with the
     study's overrides): the premise the paper's mechanism relies on, made explicit."""
-    cfg = {f: load_config_file(chain.config_path(f), "demo") for f in chain.STAGE_FILES}
-    for c in cfg.values():
-        with c.unlocked():
-            for key, value in overrides.items():
-                *path, leaf = key.split(".")
-                target = c
-                for part in path:
-                    target = target[part]
-                target[leaf] = value
+    cfg = {f: load_config_file(chain.config_path(f), "demo", overrides) for f in chain.STAGE_FILES}
     init = cfg["stage0"]
     exo = float(init.data.exo_fraction)
     return {"init_views": {"exo": exo, "ego": round(1.0 - exo, 6)}, "shared_tower": bool(init.init.shared_tower),
