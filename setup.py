@@ -60,6 +60,11 @@ EXTRAS = {
     "aot": [f"jax[cuda12]==0.10.2; {PY311}", f"jax[cuda12]>=0.11.2,<0.12; {PY312}"],
     # A GPU host: the same wheels bring the CUDA runtime, cuDNN and NCCL the training steps run on.
     "gpu": [f"jax[cuda12]==0.10.2; {PY311}", f"jax[cuda12]>=0.11.2,<0.12; {PY312}"],
+    # Cloud TPU: libtpu matching the pinned jax (jax's own `tpu` extra pins it). On a TPU VM it runs the stages;
+    # on any machine it compiles for TPU slices without a TPU (launch/aot_compile.py --target v5p-64). It
+    # installs beside the `aot` extra (both compilers were loaded in one process and compiled there), but a
+    # GPU or TPU host needs only its own.
+    "tpu": [f"jax[tpu]==0.10.2; {PY311}", f"jax[tpu]>=0.11.2,<0.13; {PY312}"],
     # XProf/TensorBoard profile plugin drags in many cloud dependencies: opt-in only.
     "profile": ["xprof>=2.24", "tensorboard"],
 }

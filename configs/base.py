@@ -3,7 +3,7 @@
 Stage files (configs/stage0.py ... stage3.py) call this and set their own hyperparameters. Presets:
   tiny  CPU in about a minute: random init, the in-memory `toy` batches, float32.
   demo  the synthetic ego-exo dataset of the demo (a tiny model, CPU).
-  7b    the paper's model (CLIP-L/14-336, STC, Mistral-7B) and hyperparameters, for GPU pods.
+  7b    the paper's model (CLIP-L/14-336, STC, Mistral-7B) and hyperparameters, for GPU pods and TPU slices.
 Fields are validated at start-up (`exo2ego_jax.train.config.validate`): a bad value names the field.
 """
 import ml_collections
@@ -11,6 +11,7 @@ import ml_collections
 from exo2ego_jax.errors import ConfigError
 from exo2ego_jax.models.mapper import RECOMMENDED
 from exo2ego_jax.models.sizes import CLIP_L14_336, MISTRAL_7B
+from exo2ego_jax.train.hardware import empty_hardware_section
 
 PRESETS = ("tiny", "demo", "7b")
 
@@ -22,7 +23,7 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
             stc=dict(depth=4, variant="stc"),
             mapper=dict(kind="resnet", width=256, num_blocks=9, output_tanh=False, dropout=0.0, **RECOMMENDED),
             num_frames=16, fusion="tokens", length_buckets=(4096, 5120, 6144),
-            scan_layers=False, remat_policy="dots_no_batch", clip_remat_policy="full", attention_impl="cudnn"))
+            scan_layers=False, remat_policy="dots_no_batch", clip_remat_policy="full", attention_impl="auto"))
     return ml_collections.ConfigDict(dict(
         clip=dict(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, patch_size=4, image_size=32,
                   select_layer=-2),
@@ -91,6 +92,15 @@ def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     # Mesh ('data', 'fsdp', 'tensor'); -1 fills with the remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1) if preset == "7b" else (-1, 1, 1),
                                             num_devices=-1))  # use the first N devices; -1: all
+
+    # Settings that depend on where the run executes, applied at start-up (exo2ego_jax/train/hardware.py): for
+    # each platform (gpu, tpu, cpu) and TPU generation (v4, v5e, v5p, v6e), (dotted field, value) pairs; a field
+    # set on the command line wins. `model.attention_impl="auto"` picks cuDNN on GPUs, splash on TPUs, xla on CPUs.
+    c.hardware = empty_hardware_section()
+    if preset == "7b":
+        # TPUs: scanned layers (XLA's TPU compile of 32 unrolled Mistral layers passes 17 GB of host memory;
+        # scanned, about 7 GB), set per stage below from the compiled figures (launch/BENCHMARKS.md).
+        c.hardware.tpu = (("model.scan_layers", True),)
 
     c.optim = ml_collections.ConfigDict(dict(learning_rate=1e-4, warmup_ratio=0.03, schedule="cosine",
                                              b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,

@@ -1,19 +1,28 @@
-"""Compile a stage's train step for a GPU pod (or N fake CPU devices) on this machine, and report whether it fits.
+"""Compile a stage's train step for a GPU pod, a Cloud TPU slice (or N fake CPU devices) on this machine, and
+report whether it fits.
 
   python launch/aot_compile.py --config configs/stage3.py:7b --target h100 --topology 1x1x8 [--json FILE]
+  python launch/aot_compile.py --config configs/stage3.py:7b --target v5p-64 [--topology 2x8x4]
                                [--config.per_device_batch=1 --config.sharding.frozen=replicated ...]
 
   --target   h100 (80 GB), h200 (141 GB): XLA's compiler for sm_90a, no GPU needed (`pip install -e '.[aot]'`);
+             v4, v5e, v5p, v6e, or a Cloud TPU slice name (v5p-64 = 32 chips, v6e-64, v5e-256; v4-N and v5p-N
+             count TensorCores): libtpu's compiler, no TPU needed (`pip install -e '.[tpu]'`);
              cpu: N fake CPU devices (the logic on any machine).
-  --topology SxHxG: S slices x H hosts x G devices per host (1x2x8 = two 8-GPU hosts).
+  --topology SxHxG: S slices x H hosts x G devices (chips) per host (1x2x8 = two 8-GPU hosts; 2x8x4 with
+             v5p-64 = two 32-chip slices). Optional with a slice name; 1x1x8 for GPUs by default.
 
 The step is built by the same code `launch/stageN.py` runs, from abstract shapes only (no weights, no
-checkpoint; the architecture is the config's model section), on a mesh of the topology's devices, at the widest
-text bucket. Prints a table and writes JSON: fits (the total within usable_bytes: 90% of hbm_bytes, the
-share the training CLI lets JAX take, exo2ego_jax/device_memory.py), hbm_bytes, usable_bytes, memory {argument,
-output, alias, temp, total} (bytes per device), flops {executed, model} (per device per step), collectives
-{kind: {count, bytes}} (per device per step), custom_calls {target: count}, bound {step_s, clips_per_s,
-tokens_per_s}. Exit status 1 with a one-line reason when the step does not fit in the device's memory.
+checkpoint; the architecture is the config's model section), resolved for the target's hardware as a run on it
+would be (attention 'auto', the preset's `hardware` settings), on a mesh of the topology's devices, at the
+widest text bucket. Prints a table and writes JSON: target {name, platform, generation, ...}, fits (the total
+within usable_bytes: 90% of a GPU's memory, the share the training CLI lets JAX take, or a TPU chip's HBM as
+its compiler enforces it), hbm_bytes, usable_bytes, memory {argument, output, alias, temp, total[, peak]}
+(bytes per device), flops {executed, model} (per device per step), collectives {kind: {count, bytes,
+cross_host_bytes}} (cross_host: the slow link, across hosts on GPUs and across slices on TPUs), collective_bytes
+{fast link, slow link}, custom_calls {target: count}, bound {step_s, clips_per_s, tokens_per_s}. A step past
+the device's memory exits 1 with a one-line "does not fit" naming the GiB required and available (a TPU
+compiler's refusal is reported the same way, with `out_of_memory` in the JSON).
 """
 from __future__ import annotations
 
@@ -37,15 +46,17 @@ def _early(flag: str, default: str) -> str:
 
 def _prepare_environment() -> None:
     from exo2ego_jax.bench.targets import Topology
-    os.environ["JAX_PLATFORMS"] = "cpu"  # GPU targets compile through the CUDA plugin without a GPU
+    os.environ["JAX_PLATFORMS"] = "cpu"  # GPU and TPU targets compile through their plugins without a device
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # parallel compiles each load libtpu
     flags = os.environ.get("XLA_FLAGS", "")
-    if _early("target", "h100") == "cpu":
+    target = _early("target", "h100")
+    if target == "cpu":
         try:
             n = Topology.parse(_early("topology", "1x1x8")).num_devices
         except ValueError:
             n = 1
         flags += f" --xla_force_host_platform_device_count={n}"
-    else:  # no autotuning without a device: cuBLAS calls are closer to a real build than Triton fallbacks
+    elif target.startswith("h"):  # no autotuning without a device: cuBLAS calls are closer to a real build
         flags += " --xla_gpu_enable_triton_gemm=false"
     os.environ["XLA_FLAGS"] = flags.strip()
 
@@ -55,11 +66,12 @@ _prepare_environment()
 import argparse
 
 from exo2ego_jax.bench.aot import compile_step, report, target_devices
-from exo2ego_jax.bench.targets import TARGETS, Topology
+from exo2ego_jax.bench.targets import TARGETS, parse_target
 from exo2ego_jax.configfile import load_config_file, split_config_args
 from exo2ego_jax.errors import ConfigError, run_config_cli
 from exo2ego_jax.provenance import commit, machine
 from exo2ego_jax.train.config import resolve_for_compile
+from exo2ego_jax.train.hardware import hardware_of
 from exo2ego_jax.paths import absolute
 
 
@@ -67,8 +79,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python launch/aot_compile.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE:PRESET", help="a stage config, e.g. configs/stage3.py:7b")
-    p.add_argument("--target", choices=sorted(TARGETS), default="h100", help="the device to compile for")
-    p.add_argument("--topology", default="1x1x8", help="SxHxG: slices x hosts x devices per host")
+    p.add_argument("--target", default="h100",
+                   help=f"the device to compile for: {', '.join(sorted(TARGETS))}, or a TPU slice like v5p-64")
+    p.add_argument("--topology", help="SxHxG: slices x hosts x devices per host (GPUs: 1x1x8 by default)")
     p.add_argument("--json", type=absolute, help="write the report here")
     p.add_argument("--model_flops", action=argparse.BooleanOptionalAction, default=True,
                    help="count the model's useful FLOPs (lowers each module once more)")
@@ -79,12 +92,18 @@ GiB = 2 ** 30
 
 
 def print_report(r: dict) -> None:
+    t = r["target"]
+    head = (f"{r['stage']} {r['preset']} on {r['topology']} x {t['name']}: mesh {r['mesh']}, batch {r['batch_size']} "
+            f"= {r['microbatches']} microbatches x {r['per_device_batch']} per device, text {r['text_width']}, "
+            f"attention {r['attention']}, frozen {r['frozen_layout']}, remat {r['remat']['llm']}/{r['remat']['clip']}"
+            f"{', scanned layers' if r['scan_layers'] else ''}; compiled in {r['compile_s']:.0f} s")
+    print(head)
+    if r.get("out_of_memory"):
+        print(f"the compiler refused it: {r['out_of_memory']['message']}")
+        return
     m = r["memory"]
-    print(f"{r['stage']} {r['preset']} on {r['topology']} x {r['target']}: mesh {r['mesh']}, batch "
-          f"{r['batch_size']} = {r['microbatches']} microbatches x {r['per_device_batch']} per device, text "
-          f"{r['text_width']}; compiled in {r['compile_s']:.0f} s")
-    print(f"memory per device: {m['total'] / GiB:.2f} GiB of {r['usable_bytes'] / GiB:.1f} usable "
-          f"({100 * r['headroom']:.0f}% free; the device has {r['hbm_bytes'] / GiB:.1f}): arguments "
+    print(f"memory per device: {m['total'] / GiB:.2f} GiB of {r['usable_bytes'] / GiB:.2f} usable "
+          f"({100 * r['headroom']:.0f}% free; the device has {r['hbm_bytes'] / GiB:.2f}): arguments "
           f"{m['argument'] / GiB:.2f}, outputs {m['output'] / GiB:.2f}, aliased {m['alias'] / GiB:.2f}, "
           f"temporaries {m['temp'] / GiB:.2f} GiB")
     f = r["flops"]
@@ -92,10 +111,11 @@ def print_report(r: dict) -> None:
     print(f"FLOPs per device per step: executed {f['executed'] / 1e12:.1f} T "
           f"({', '.join(f'{k} {v / 1e12:.1f} T' for k, v in sorted(f['by_kind'].items()))}), model "
           f"{f['model'] / 1e12:.1f} T, executed/model {ratio}")
-    print("collectives per device per step:")
+    fast, slow = t["fast_link"], t["slow_link"]
+    print(f"collectives per device per step ({fast} / {slow}):")
     for kind, v in sorted(r["collectives"].items()):
         print(f"  {kind:<20} {v['count']:>7} x, {v['bytes'] / 1e9:9.2f} GB sent ({v['cross_host_bytes'] / 1e9:.2f} GB "
-              "across hosts)")
+              f"over {slow})")
     print("custom calls:", ", ".join(f"{k} {v}" for k, v in sorted(r["custom_calls"].items())) or "none")
     b = r["bound"]
     print(f"roofline bound: {b['step_s']:.3f} s/step (compute {b['compute_s']:.3f}, kernel HBM {b['hbm_s']:.3f}, "
@@ -103,16 +123,31 @@ def print_report(r: dict) -> None:
           f"per device; collectives hide under compute at 60% of peak: {b['comm_hidden_at_60pct']}")
 
 
+def does_not_fit(r: dict) -> str:
+    """The one-line reason a step does not fit."""
+    t = r["target"]
+    oom = r.get("out_of_memory")
+    if oom:
+        need = f"{oom['required_bytes'] / GiB:.2f} GiB" if oom["required_bytes"] else "more memory"
+        have = oom["available_bytes"] or r["usable_bytes"]
+        what = " for temporaries" if "temporaries" in oom["message"] else ""
+        return (f"{r['stage']} {r['preset']} does not fit on {r['topology']} x {t['name']}: the compiler needs {need}"
+                f"{what} per chip but {have / GiB:.2f} GiB are available; lower per_device_batch, use "
+                "sharding.frozen=fsdp, a stronger remat policy or more chips")
+    return (f"{r['stage']} {r['preset']} does not fit on {r['topology']} x {t['name']}: it needs "
+            f"{r['memory']['total'] / GiB:.2f} GiB per device but {r['usable_bytes'] / GiB:.2f} GiB are available; "
+            "lower per_device_batch, use sharding.frozen=fsdp, a stronger remat policy or more devices")
+
+
 def main(argv) -> int:
     path, preset, overrides, rest = split_config_args(argv)
     a = parser().parse_args(rest)
     try:
-        topology = Topology.parse(a.topology)
+        target, topology = parse_target(a.target, a.topology)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    target = TARGETS[a.target]
-    run = resolve_for_compile(load_config_file(path, preset, overrides))
     devices = target_devices(target, topology)
+    run = resolve_for_compile(load_config_file(path, preset, overrides), hardware_of(devices[0]), set(overrides))
     compiled = compile_step(run, devices, num_hosts=topology.num_hosts)
     r = report(compiled, target, topology, with_model_flops=a.model_flops)
     r.update(commit=commit(), machine=machine())
@@ -122,9 +157,7 @@ def main(argv) -> int:
         with open(a.json, "w") as f:
             json.dump(r, f, indent=1, default=str)
     if not r["fits"]:
-        print(f"error: the {r['stage']} step needs {r['memory']['total'] / GiB:.1f} GiB per device but a "
-              f"{target.name} leaves {r['usable_bytes'] / GiB:.1f} GiB to it; lower per_device_batch, use "
-              "sharding.frozen=fsdp or a stronger remat policy", file=sys.stderr)
+        print(f"error: {does_not_fit(r)}", file=sys.stderr)
         return 1
     return 0
 

@@ -11,6 +11,7 @@ from exo2ego_jax.bench import hlo
 from exo2ego_jax.bench.targets import TARGETS, Topology
 from exo2ego_jax.errors import ConfigError
 from exo2ego_jax.train.config import resolve_for_compile
+from exo2ego_jax.train.hardware import Hardware
 from tests.helpers import ROOT, stage_config
 
 TOOL = os.path.join(ROOT, "launch", "aot_compile.py")
@@ -48,7 +49,8 @@ def test_h100_topology_compiles_the_tiny_step(tmp_path):
                            "--config.model.llm.head_dim=16",  # cuDNN flash attention: a multiple of 8
                            "--config.compute_dtype=bfloat16")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert r["target"] == "NVIDIA H100 80GB HBM3" and r["devices"] == 8
+    assert r["target"]["name"] == "NVIDIA H100 80GB HBM3" and r["target"]["generation"] == "hopper"
+    assert r["devices"] == 8
     calls = r["custom_calls"]
     assert calls.get("__cublas$lt$matmul", 0) > 0
     assert calls.get("__cudnn$fmhaSoftmax", 0) > 0 and calls.get("__cudnn$fmhaSoftmaxBackward", 0) > 0
@@ -61,14 +63,14 @@ def test_h100_topology_compiles_the_tiny_step(tmp_path):
 def test_7b_presets_split_their_batch_on_8_to_64_gpus(stage_file):
     """The paper's global batches stay; the per-device microbatch is the knob."""
     c = stage_config(stage_file, "7b")
-    run = resolve_for_compile(c)
+    run = resolve_for_compile(c, Hardware("gpu"))
     for devices in (8, 16, 32, 64):
         micro = run.microbatches(devices)  # mesh (1, -1, 1): data x fsdp = all devices
         assert micro * c.per_device_batch * devices == c.batch_size, (devices, micro)
 
 
 def test_impossible_splits_and_topologies_are_one_line_errors(tmp_path):
-    run = resolve_for_compile(stage_config("stage3", "7b"))
+    run = resolve_for_compile(stage_config("stage3", "7b"), Hardware("gpu"))
     with pytest.raises(ConfigError, match=r"batch_size.*64.*per_device_batch 1 x 128"):
         run.microbatches(128)
     with pytest.raises(ValueError, match="use SxHxG"):

@@ -9,6 +9,7 @@ prints: memory per device, executed vs model FLOPs, collectives, custom calls an
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 import flax.linen as nn
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from exo2ego_jax.bench import hlo
-from exo2ego_jax.bench.targets import Target, Topology
+from exo2ego_jax.bench.targets import Target, Topology, tpu_slice
 from exo2ego_jax import device_memory
 from exo2ego_jax.errors import ConfigError
 from exo2ego_jax.models import registry
@@ -30,7 +31,18 @@ GiB = 2 ** 30
 
 
 def target_devices(target: Target, topology: Topology) -> list:
-    """Compile-only devices of a GPU topology, or this process's (fake) CPU devices."""
+    """Compile-only devices of a GPU or TPU topology, or this process's (fake) CPU devices."""
+    if target.platform == "tpu":
+        from jax.experimental import topologies
+        try:
+            desc = topologies.get_topology_desc(**tpu_slice(target, topology))
+        except ValueError:
+            raise
+        except Exception as e:  # libtpu is missing, or JAX started on another platform
+            raise ConfigError(f"cannot describe {target.name} x {topology} ({type(e).__name__}: {str(e)[:200]}); "
+                              "install the TPU compiler with `pip install -e '.[tpu]'` and run with JAX_PLATFORMS=cpu "
+                              "(launch/aot_compile.py sets it)") from e
+        return list(desc.devices)
     if target.platform == "cpu":
         devices = jax.devices("cpu")
         if len(devices) < topology.num_devices:
@@ -82,10 +94,28 @@ class Compiled:
     run: Run
     mesh: object
     build: StepBuild
-    executable: object
+    executable: object     # None when the compiler refused the program for lack of device memory
     width: int
     lower_s: float
     compile_s: float
+    out_of_memory: dict | None = None   # {"required_bytes", "available_bytes", "message"} from the compiler
+
+
+_SIZE = r"([\d.]+)\s*([KMGT]?)i?B?"
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def out_of_memory(error: Exception) -> dict | None:
+    """The figures of a compiler's out-of-memory refusal (TPU: 'RESOURCE_EXHAUSTED: Ran out of memory on HBM,
+    the total memory required for HLO temporaries (28.00G) exceeds available HBM (15.75G)'), else None."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+        return None
+    size = lambda m: float(m.group(1)) * _UNITS[m.group(2)] if m else None
+    required = re.search(r"required for [^(]*\(" + _SIZE + r"\)", text) or re.search(r"Used " + _SIZE + " of", text)
+    available = re.search(r"available HBM \(" + _SIZE + r"\)", text) or re.search(r"of " + _SIZE + " hbm", text)
+    line = next((ln.strip() for ln in text.splitlines() if "memory" in ln.lower()), text.strip()[:300])
+    return dict(required_bytes=size(required), available_bytes=size(available), message=line[:500])
 
 
 def compile_step(run: Run, devices: list, *, steps: int = 1000, num_hosts: int = 1) -> Compiled:
@@ -100,8 +130,14 @@ def compile_step(run: Run, devices: list, *, steps: int = 1000, num_hosts: int =
         lowered = build.step_fn.lower(state, frozen, batch)
     lower_s = time.perf_counter() - t
     t = time.perf_counter()
-    executable = lowered.compile()
-    return Compiled(run, mesh, build, executable, width, lower_s, time.perf_counter() - t)
+    try:
+        executable, oom = lowered.compile(), None
+    except Exception as e:  # the TPU compiler enforces the chip's HBM: a refusal is a result, not a crash
+        oom = out_of_memory(e)
+        if oom is None:
+            raise
+        executable = None
+    return Compiled(run, mesh, build, executable, width, lower_s, time.perf_counter() - t, oom)
 
 
 # ------------------------------------------------------------------------------------------- model FLOPs
@@ -196,51 +232,78 @@ def _lora_shapes(llm) -> list[tuple[int, int]]:
 
 # ------------------------------------------------------------------------------------------------- report
 
-def report(compiled: Compiled, target: Target, topology: Topology, *, with_model_flops: bool = True) -> dict:
-    """The figures of a compiled step (per device unless named otherwise)."""
-    run, mesh = compiled.run, compiled.mesh
-    exe = compiled.executable
+def _memory(exe) -> dict:
     mem = exe.memory_analysis()
     memory = dict(argument=int(mem.argument_size_in_bytes), output=int(mem.output_size_in_bytes),
                   alias=int(mem.alias_size_in_bytes), temp=int(mem.temp_size_in_bytes))
     memory["total"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+    peak = getattr(mem, "peak_memory_in_bytes", 0) or 0  # TPU executables report their peak too
+    if peak:
+        memory["peak"] = int(peak)
+        memory["total"] = max(memory["total"], int(peak))
+    return memory
+
+
+def usable_bytes(target: Target) -> int:
+    """What the step may use per device: GPUs leave a share to the runtime (device_memory.py); a TPU program
+    gets the HBM the compiler enforces."""
+    return device_memory.usable_bytes(target.hbm_bytes) if target.platform == "cuda" else target.hbm_bytes
+
+
+def report(compiled: Compiled, target: Target, topology: Topology, *, with_model_flops: bool = True) -> dict:
+    """The figures of a compiled step (per device unless named otherwise). A step the compiler refused for lack
+    of memory gets `fits: false` and the compiler's figures in `out_of_memory`, nothing else measured."""
+    run, mesh = compiled.run, compiled.mesh
+    c = run.config
+    n = mesh.devices.size
+    usable = usable_bytes(target)
+    head = dict(stage=c.stage, preset=c.preset, target=target.describe(), topology=str(topology), devices=n,
+                mesh=dict(mesh.shape), batch_size=c.batch_size, microbatches=compiled.build.microbatches,
+                per_device_batch=c.batch_size // compiled.build.microbatches // (mesh.shape["data"] * mesh.shape["fsdp"]),
+                text_width=compiled.width, hbm_bytes=target.hbm_bytes, usable_bytes=usable,
+                attention=run.model.llm.attention_impl, frozen_layout=c.sharding.frozen,
+                remat=dict(llm=c.model.remat_policy, clip=c.model.clip_remat_policy),
+                scan_layers=bool(c.model.scan_layers), hardware_notes=list(run.notes),
+                compile_s=compiled.compile_s, lower_s=compiled.lower_s, jax=jax.__version__)
+    if compiled.executable is None:
+        oom = compiled.out_of_memory
+        return dict(head, fits=False, out_of_memory=oom,
+                    memory=dict(total=oom["required_bytes"]) if oom["required_bytes"] else {})
+    exe = compiled.executable
+    memory = _memory(exe)
     devices = list(mesh.devices.flat)
     if target.platform == "cpu":  # fake devices share one process: hosts by position in the topology
         host_of = lambda i: i // topology.per_host
+    elif target.platform == "tpu":  # every chip of a slice is on ICI, hosts included: only slices use DCN
+        host_of = lambda i: getattr(devices[i], "slice_index", 0) or 0
     else:
         host_of = lambda i: devices[i].process_index
-    analysis = hlo.analyze(exe.as_text(), num_devices=len(devices), host_of=host_of)
+    analysis = hlo.analyze(exe.as_text(), num_devices=len(devices), host_of=host_of, num_slices=topology.slices)
     executed = analysis.total_flops
-    n = len(devices)
     model = model_flops(run, compiled.width) if with_model_flops else {"total": 0.0, "llm_tokens": 0}
     model_per_device = model["total"] / n
     compute_s = executed / target.peak_flops
     hbm_s = analysis.kernel_bytes / target.hbm_bytes_per_s
-    inter = sum(v["cross_host_bytes"] for v in analysis.collectives.values())
-    intra = sum(v["bytes"] for v in analysis.collectives.values()) - inter
-    comm_s = intra / target.intra_host_bytes_per_s + inter / target.inter_host_bytes_per_s
+    slow = sum(v["cross_host_bytes"] for v in analysis.collectives.values())
+    fast = sum(v["bytes"] for v in analysis.collectives.values()) - slow
+    comm_s = fast / target.intra_host_bytes_per_s + slow / target.inter_host_bytes_per_s
     step_s = max(compute_s, hbm_s, comm_s)
-    c = run.config
-    usable = device_memory.usable_bytes(target.hbm_bytes) if target.platform == "cuda" else target.hbm_bytes
     return dict(
-        stage=c.stage, preset=c.preset, target=target.name, topology=str(topology), devices=n,
-        mesh=dict(mesh.shape), batch_size=c.batch_size, microbatches=compiled.build.microbatches,
-        per_device_batch=c.batch_size // compiled.build.microbatches // (mesh.shape["data"] * mesh.shape["fsdp"]),
-        text_width=compiled.width, llm_tokens_per_step=model["llm_tokens"],
-        fits=bool(memory["total"] <= usable), hbm_bytes=target.hbm_bytes, usable_bytes=usable, memory=memory,
-        headroom=1.0 - memory["total"] / usable,
+        head, llm_tokens_per_step=model["llm_tokens"],
+        fits=bool(memory["total"] <= usable), memory=memory, headroom=1.0 - memory["total"] / usable,
         flops=dict(executed=executed, model=model_per_device, by_kind=analysis.flops,
                    model_by_module={k: v / n for k, v in model.items() if k not in ("total", "llm_tokens")}),
         recompute_ratio=executed / model_per_device if model_per_device else None,
         collectives=analysis.collectives, custom_calls=analysis.custom_calls,
+        # per device per step; cross_host_bytes in `collectives` is the slow link's share (GPUs: across hosts,
+        # TPUs: across slices)
+        collective_bytes={target.fast_link: fast, target.slow_link: slow},
         bound=dict(step_s=step_s, clips_per_s=c.batch_size / step_s if step_s else None,
+                   clips_per_s_per_device=c.batch_size / step_s / n if step_s else None,
                    tokens_per_s=model["llm_tokens"] / n / step_s if step_s else None,
                    compute_s=compute_s, hbm_s=hbm_s, comm_s=comm_s,
                    comm_hidden_at_60pct=comm_s <= executed / (0.6 * target.peak_flops),
                    peak_flops=target.peak_flops, hbm_bytes_per_s=target.hbm_bytes_per_s,
                    intra_host_bytes_per_s=target.intra_host_bytes_per_s,
                    inter_host_bytes_per_s=target.inter_host_bytes_per_s),
-        compile_s=compiled.compile_s, lower_s=compiled.lower_s,
-        frozen_layout=c.sharding.frozen, remat=dict(llm=c.model.remat_policy, clip=c.model.clip_remat_policy),
-        scan_layers=bool(c.model.scan_layers), jax=jax.__version__,
     )

@@ -1,11 +1,12 @@
 """Reading a compiled (optimized, SPMD-partitioned) HLO module: executed FLOPs, collectives, custom calls.
 
 Compile-only executables give no cost analysis, so the figures come from the module text:
-  * every computation's runs per step: `while` bodies x their `known_trip_count` (scanned layers, gradient
-    accumulation), fusions and calls x 1;
+  * every computation's runs per step: `while` bodies x their trip count (scanned layers, gradient
+    accumulation; `known_trip_count` on GPUs, the loop condition's bound on TPUs), fusions and calls x 1;
   * FLOPs of the matrix work: cuBLAS gemms (`__cublas$*`), cuDNN flash attention (`__cudnn$fmha*`: 2 matmuls
     forward, 5 backward; causal masks skip half), cuDNN convolutions, and plain `dot` / `convolution`
-    instructions (CPU targets); element-wise work is not counted;
+    instructions (CPU and TPU targets; TPU convolutions count only the window taps on real input elements);
+    element-wise work is not counted;
   * collectives: executions per step and the bytes each device sends with ring algorithms: all-gather and
     all-to-all (n-1)/n of the gathered / exchanged data, reduce-scatter (n-1)/n of its input, all-reduce
     2(n-1)/n, collective-permute its operand; whether a collective's replica groups span hosts;
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -64,10 +66,7 @@ class Module:
         def visit(name: str, k: int) -> None:
             runs[name] += k
             for ins in self.computations.get(name, []):
-                trip = 1
-                if ins.opcode == "while":
-                    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.text)
-                    trip = int(m.group(1)) if m else 1
+                trip = self.trip_count(ins) if ins.opcode == "while" else 1
                 for attr, names in re.findall(r"\b(body|condition|calls|to_apply|true_computation|"
                                               r"false_computation|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)",
                                               ins.text):
@@ -78,6 +77,47 @@ class Module:
                             visit(callee, k * (trip if attr in ("body", "condition") else 1))
         visit(self.entry, 1)
         return runs
+
+    def trip_count(self, loop: Instruction) -> int:
+        """A `while` loop's iterations: GPU modules say so (`known_trip_count`); TPU modules do not, and the count
+        is the constant the condition compares the induction variable with (`i < N`, from the start value the
+        loop's init tuple gives, 0 if it is not a constant)."""
+        m = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.text)
+        if m:
+            return int(m.group(1))
+        cond = re.search(r"\bcondition=%?([\w.\-]+)", loop.text)
+        body = self.computations.get(cond.group(1), []) if cond else []
+        by_name = {ins.name: ins for ins in body}
+        root = next((ins for ins in body if ins.text.lstrip().startswith("ROOT")), None)
+        if root is None or root.opcode != "compare" or len(root.operands) != 2:
+            return 1
+        direction = re.search(r"direction=(\w+)", root.text)
+        direction = direction.group(1) if direction else "LT"
+        left, right = (by_name.get(o) for o in root.operands)
+        if direction in ("GT", "GE"):  # N > i
+            left, right, direction = right, left, {"GT": "LT", "GE": "LE"}[direction]
+        bound = _constant_value(right)
+        index = re.search(r"index=(\d+)", left.text) if left is not None and left.opcode == "get-tuple-element" else None
+        if bound is None or index is None or direction not in ("LT", "LE", "NE"):
+            return 1
+        start = self._init_value(loop, int(index.group(1)))
+        return max(0, int(bound) - start + (direction == "LE"))
+
+    def _init_value(self, loop: Instruction, index: int) -> int:
+        """The start value of element `index` of a loop's state, when the init tuple holds a constant there."""
+        scope = {ins.name: ins for ins in self.computations.get(loop.computation, [])}
+        init = scope.get(loop.operands[0]) if loop.operands else None
+        if init is None or init.opcode != "tuple" or index >= len(init.operands):
+            return 0
+        value = _constant_value(scope.get(init.operands[index]))
+        return int(value) if value is not None else 0
+
+
+def _constant_value(ins: Instruction | None) -> float | None:
+    if ins is None or ins.opcode != "constant":
+        return None
+    m = re.search(r"constant\((-?[\d.]+)\)", ins.text)
+    return float(m.group(1)) if m else None
 
 
 def _matching_paren(text: str) -> int:
@@ -126,11 +166,15 @@ def parse_module(text: str) -> Module:
             for pname, ptype in re.findall(r"([\w.\-]+):\s*((?:\([^)]*\))|[^,()]+)", header.group(3) or ""):
                 symbols[pname] = shapes_in(ptype)
             continue
-        if line.startswith("}"):
+        if line.rstrip() == "}":
             current = None
             continue
         m = _INSTR.match(line)
-        if current is None or not m:
+        if current is None:
+            continue
+        if not m:  # an attribute spanning lines (TPU kernels' metadata): part of the instruction above
+            if computations[current]:
+                computations[current][-1].text += "\n" + line
             continue
         name, rest = m.groups()
         result_text, tail = _split_type(rest)
@@ -197,11 +241,56 @@ def _conv_flops(ins: Instruction, module: Module, kind: str) -> float:
     return 2.0 * math.prod(forward_out) * math.prod(kernel) / kernel[kernel_labels.index("o")]
 
 
+# Matmuls per kernel of Pallas splash attention: forward QK^T and PV; the dq kernel recomputes QK^T and forms
+# dO V^T and dS K; the dkv kernel recomputes QK^T and forms P^T dO, dO V^T and dS^T Q.
+SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+_SPLASH_MASK = re.compile(r"splash_mask_(causal|full|window(\d+))")
+
+
+def active_blocks(length: int, block_q: int, block_kv: int, mask: str, window: int = 0) -> int:
+    """Score blocks splash attention computes for a static mask (the ones not entirely masked out)."""
+    q0 = np.arange(0, length, block_q)[:, None]
+    k0 = np.arange(0, length, block_kv)[None, :]
+    q1, k1 = q0 + block_q - 1, k0 + block_kv - 1
+    if mask == "full":
+        keep = np.ones((q0.size, k0.size), bool)
+    else:
+        keep = k0 <= q1  # some key at or before some query
+        if mask == "window":
+            keep &= k1 >= q0 - (window - 1)
+    return int(keep.sum())
+
+
+def _splash_flops(ins: Instruction, module: Module) -> float:
+    """FLOPs of a splash attention kernel (`splash_mha_{fwd,dq,dkv}_*`), from its q/k shapes, block sizes and the
+    mask kind models/splash.py writes into its name scope."""
+    kernel = re.search(r"splash_mha_(fwd|dq|dkv)", ins.name) or re.search(r"splash_mha_(fwd|dq|dkv)", ins.text)
+    if kernel is None:
+        return 0.0
+    shapes = [module.symbols.get(o, [[None, ()]])[0] for o in ins.operands]
+    tensors = [dims for dtype, dims in shapes if dtype in ("f32", "bf16", "f16") and len(dims) >= 3]
+    if len(tensors) < 2:
+        return 0.0
+    q = tensors[0]  # [(batch,) heads, T, head_dim]
+    length, head_dim = q[-2], q[-1]
+    rows = math.prod(q[:-2])
+    blocks = dict(re.findall(r'\\"(block_q|block_kv)\\": (\d+)', ins.text))
+    block_q, block_kv = int(blocks.get("block_q", 128)), int(blocks.get("block_kv", 128))
+    m = _SPLASH_MASK.search(ins.text)
+    mask = "full" if m is None else ("window" if m.group(1).startswith("window") else m.group(1))
+    window = int(m.group(2)) if m is not None and m.group(2) else 0
+    scores = active_blocks(length, block_q, block_kv, mask, window) * block_q * block_kv
+    return SPLASH_MATMULS[kernel.group(1)] * 2.0 * rows * scores * head_dim
+
+
 def instruction_flops(ins: Instruction, module: Module) -> tuple[str | None, float]:
     """(kind, FLOPs) of one instruction's matrix work, or (None, 0)."""
     if ins.opcode == "custom-call":
         target = re.search(r'custom_call_target="([^"]+)"', ins.text)
         target = target.group(1) if target else ""
+        if target == "tpu_custom_call":
+            flops = _splash_flops(ins, module)
+            return ("attention", flops) if flops else (None, 0.0)
         if target.startswith("__cublas$"):
             config = _json_backend_config(ins.text).get("gemm_backend_config", {})
             dims = config.get("dot_dimension_numbers", {}).get("lhs_contracting_dimensions", [])
@@ -218,13 +307,55 @@ def instruction_flops(ins: Instruction, module: Module) -> tuple[str | None, flo
         dims = [int(d) for d in m.group(1).split(",") if d] if m else []
         return "dot", _gemm_flops(ins, module, dims)
     if ins.opcode == "convolution":
-        labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.text)
-        kernel = module.symbols.get(ins.operands[1], [[None, ()]])[0][1] if len(ins.operands) > 1 else ()
-        if not labels or not kernel or not ins.result:
-            return "conv", 0.0
-        per_output = math.prod(kernel) / kernel[labels.group(2).index("o")]
-        return "conv", 2.0 * math.prod(ins.result[0][1]) * per_output  # grouped kernels hold in/groups inputs
+        return "conv", convolution_flops(ins, module)
     return None, 0.0
+
+
+def _window(text: str) -> dict[str, list]:
+    """`window={size=3x3 stride=2x2 pad=1_1x1_1 lhs_dilate=.. rhs_dilate=..}` as lists per spatial dimension."""
+    m = re.search(r"window=\{([^}]*)\}", text)
+    fields = dict(item.split("=", 1) for item in m.group(1).split()) if m else {}
+    per_dim = lambda key: [int(v) for v in fields[key].split("x")] if key in fields else None
+    pads = [tuple(int(v) for v in p.split("_")) for p in fields["pad"].split("x")] if "pad" in fields else None
+    return dict(size=per_dim("size"), stride=per_dim("stride"), pad=pads, lhs_dilate=per_dim("lhs_dilate"),
+                rhs_dilate=per_dim("rhs_dilate"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_taps(inputs: int, outputs: int, taps: int, stride: int, pad_low: int, lhs_dilate: int,
+                rhs_dilate: int) -> int:
+    """(output position, kernel tap) pairs of one spatial dimension that land on a real input element: not in
+    the padding and not in a hole of a dilated input."""
+    o = np.arange(outputs)[:, None]
+    k = np.arange(taps)[None, :]
+    position = o * stride + k * rhs_dilate - pad_low
+    real = (position >= 0) & (position <= (inputs - 1) * lhs_dilate) & (position % lhs_dilate == 0)
+    return int(real.sum())
+
+
+def convolution_flops(ins: Instruction, module: Module) -> float:
+    """2 x output batch x output features x input features per group x the (output, tap) pairs that read a real
+    input element. TPU modules write matmuls as convolutions whose batch or contraction dimensions are folded
+    into dilated, padded windows: counting every tap (output size x window size) would count the zeros too."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.text)
+    if not labels or len(ins.operands) < 2 or not ins.result:
+        return 0.0
+    lhs_labels, rhs_labels, out_labels = labels.groups()
+    lhs = module.symbols.get(ins.operands[0], [[None, ()]])[0][1]
+    rhs = module.symbols.get(ins.operands[1], [[None, ()]])[0][1]
+    out = ins.result[0][1]
+    if len(lhs) != len(lhs_labels) or len(rhs) != len(rhs_labels) or len(out) != len(out_labels):
+        return 0.0
+    window = _window(ins.text)
+    spatial = [ch for ch in out_labels if ch.isdigit()]
+    pairs = 1
+    for i, dim in enumerate(sorted(spatial)):
+        get = lambda key, default, i=i: (window[key][i] if window[key] else default)
+        pad_low = window["pad"][i][0] if window["pad"] else 0
+        pairs *= _valid_taps(lhs[lhs_labels.index(dim)], out[out_labels.index(dim)], rhs[rhs_labels.index(dim)],
+                             get("stride", 1), pad_low, get("lhs_dilate", 1), get("rhs_dilate", 1))
+    batch, features = out[out_labels.index("b")], out[out_labels.index("f")]
+    return 2.0 * batch * features * rhs[rhs_labels.index("i")] * pairs
 
 
 # ---------------------------------------------------------------------------------------------- collectives
@@ -288,9 +419,29 @@ class Analysis:
         return float(sum(self.flops.values()))
 
 
-def analyze(text: str, *, num_devices: int, host_of: Callable[[int], int] | None = None) -> Analysis:
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+
+
+def _megascale(ins: Instruction, module: Module, num_slices: int) -> tuple[str, float] | None:
+    """(kind, bytes sent) of a multi-slice TPU transfer: XLA sends the cross-slice (DCN) part of a collective
+    as a host-transfer `send` the megascale runtime carries out."""
+    m = _MEGASCALE.search(ins.text) if ins.opcode == "send" else None
+    if m is None:
+        return None
+    kind = m.group(1).lower().replace("_", "-")
+    data = nbytes(module.symbols.get(ins.operands[0], [])) if ins.operands else 0.0
+    s = max(num_slices, 2)
+    return kind, data * (2.0 if kind == "all-reduce" else 1.0) * (s - 1) / s
+
+
+def analyze(text: str, *, num_devices: int, host_of: Callable[[int], int] | None = None,
+            num_slices: int = 1) -> Analysis:
     """Per-device figures of one step from the compiled module text. `host_of(partition id) -> host index`
-    tells which collectives cross hosts."""
+    tells which collectives cross hosts (on TPUs: slices); `num_slices` sizes the cross-slice transfers.
+
+    TPU specifics: a reduce-scatter is an `all-reduce-scatter` fusion around an all-reduce (counted as the
+    reduce-scatter it is), and the cross-slice part of a collective is a megascale host-transfer `send`
+    (counted on the slow link)."""
     module = parse_module(text)
     runs = module.runs_per_step()
     flops: collections.Counter = collections.Counter()
@@ -313,9 +464,17 @@ def analyze(text: str, *, num_devices: int, host_of: Callable[[int], int] | None
                     operands = [s for o in ins.operands for s in module.symbols.get(o, [])]
                     kernel_bytes += (nbytes(operands) + nbytes(ins.result[:1])) * k
             base = ins.opcode[:-len("-start")] if ins.opcode.endswith("-start") else ins.opcode
-            if base in COLLECTIVES:
+            dcn = _megascale(ins, module, num_slices)
+            if dcn is not None:
+                entry = coll.setdefault(dcn[0], {"count": 0, "bytes": 0.0, "cross_host_bytes": 0.0})
+                entry["count"] += k
+                entry["bytes"] += dcn[1] * k
+                entry["cross_host_bytes"] += dcn[1] * k
+            elif base in COLLECTIVES:
                 groups = replica_groups(ins.text, num_devices)
                 size = len(groups[0]) if groups else num_devices
+                if base == "all-reduce" and name.startswith("all-reduce-scatter"):
+                    base = "reduce-scatter"
                 sent = collective_bytes(ins, module, base, size) * k
                 entry = coll.setdefault(base, {"count": 0, "bytes": 0.0, "cross_host_bytes": 0.0})
                 entry["count"] += k

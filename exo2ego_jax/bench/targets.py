@@ -1,12 +1,19 @@
-"""Compile targets for ahead-of-time compilation without the hardware: NVIDIA H100 / H200 and fake CPU devices.
+"""Compile targets for ahead-of-time compilation without the hardware: NVIDIA H100 / H200, Cloud TPU v4, v5e,
+v5p and v6e slices, and fake CPU devices.
 
 A GPU target is XLA's `GpuTargetConfig` (text protobuf) for a Hopper part (sm_90a), built here from the
 device's published figures, plus the bandwidths the roofline bound uses. XLA compiles for it on a machine with
 no GPU once the CUDA plugin is installed (`pip install -e '.[aot]'`) and JAX runs on the CPU platform.
+
+A TPU target is a libtpu topology description (`pip install -e '.[tpu]'`): the generation's name in libtpu, its
+chip configuration, the slice's chip grid and which of its axes wrap around (a torus from 64 chips on v4/v5p,
+128 on v5e/v6e). The compiler enforces each chip's HBM (the capacities below are the ones libtpu uses) and
+fails a program that does not fit; `hbm_bytes` is also what the report measures headroom against.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 
 GiB = 2 ** 30
 
@@ -28,16 +35,41 @@ _TENSOR_CLOCK_GHZ = 1.8295201
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A device to compile for and the figures of its roofline (per device)."""
+    """A device to compile for and the figures of its roofline (per device: a GPU, or a TPU chip)."""
     name: str
-    platform: str                 # "cuda" or "cpu"
-    hbm_bytes: int                # device memory
+    platform: str                 # "cuda", "tpu" or "cpu"
+    hbm_bytes: int                # device memory (TPU: the capacity libtpu's compiler enforces)
     peak_flops: float             # dense bf16 FLOP/s (datasheet)
     hbm_bytes_per_s: float
-    intra_host_bytes_per_s: float  # one direction, per device: NVLink for GPUs
-    inter_host_bytes_per_s: float  # per device across hosts: InfiniBand for GPUs
+    # The fast and the slow link, one direction, per device: NVLink within a host and InfiniBand across hosts
+    # for GPUs; ICI within a slice (hosts included) and DCN across slices for TPUs.
+    intra_host_bytes_per_s: float
+    inter_host_bytes_per_s: float
     mem_clock_khz: int = 0
     cudnn: tuple[int, int, int] = (9, 10, 0)
+    generation: str = ""          # hopper, v4, v5e, v5p, v6e
+    # TPU only: libtpu's topology prefix and chip config, the grid's rank, TensorCores per chip (v4-N and
+    # v5p-N count cores), and the chip count from which the slice's axes wrap around.
+    tpu_prefix: str = ""
+    chip_config: str = ""
+    grid_rank: int = 0
+    cores_per_chip: int = 1
+    wrap_from: int = 0
+
+    @property
+    def fast_link(self) -> str:
+        return {"tpu": "ICI", "cuda": "NVLink"}.get(self.platform, "intra-host")
+
+    @property
+    def slow_link(self) -> str:
+        return {"tpu": "DCN", "cuda": "InfiniBand"}.get(self.platform, "inter-host")
+
+    def describe(self) -> dict:
+        """The target as the JSON report records it."""
+        return dict(name=self.name, platform=self.platform, generation=self.generation, hbm_bytes=self.hbm_bytes,
+                    peak_flops=self.peak_flops, hbm_bytes_per_s=self.hbm_bytes_per_s,
+                    fast_link=self.fast_link, fast_link_bytes_per_s=self.intra_host_bytes_per_s,
+                    slow_link=self.slow_link, slow_link_bytes_per_s=self.inter_host_bytes_per_s)
 
     def gpu_target_config(self) -> str:
         """XLA's GpuTargetConfig text for this device (sm_90a: accelerated Hopper features on)."""
@@ -71,10 +103,25 @@ class Target:
 TARGETS = {
     "h100": Target("NVIDIA H100 80GB HBM3", "cuda", hbm_bytes=84942979072, peak_flops=989e12,
                    hbm_bytes_per_s=3.35e12, intra_host_bytes_per_s=450e9, inter_host_bytes_per_s=50e9,
-                   mem_clock_khz=2619000),
+                   mem_clock_khz=2619000, generation="hopper"),
     "h200": Target("NVIDIA H200 141GB HBM3e", "cuda", hbm_bytes=151397597184, peak_flops=989e12,
                    hbm_bytes_per_s=4.8e12, intra_host_bytes_per_s=450e9, inter_host_bytes_per_s=50e9,
-                   mem_clock_khz=3750000),
+                   mem_clock_khz=3750000, generation="hopper"),
+    # Cloud TPU chips (Google's published per-chip figures): bf16 peak, HBM bandwidth, ICI as half the
+    # bidirectional per-chip figure, DCN per chip (v5p: 50 Gb/s published; v5e: its 6.4 Tb/s per 256-chip pod;
+    # v4 and v6e: not published per chip, v5p's figure assumed). HBM: the capacity libtpu compiles against.
+    "v4": Target("TPU v4", "tpu", hbm_bytes=int(30.75 * GiB), peak_flops=275e12, hbm_bytes_per_s=1.2e12,
+                 intra_host_bytes_per_s=150e9, inter_host_bytes_per_s=6.25e9, generation="v4", tpu_prefix="v4",
+                 chip_config="megacore", grid_rank=3, cores_per_chip=2, wrap_from=64),
+    "v5e": Target("TPU v5e", "tpu", hbm_bytes=int(15.75 * GiB), peak_flops=197e12, hbm_bytes_per_s=819e9,
+                  intra_host_bytes_per_s=200e9, inter_host_bytes_per_s=3.125e9, generation="v5e", tpu_prefix="v5e",
+                  chip_config="default", grid_rank=2, wrap_from=128),
+    "v5p": Target("TPU v5p", "tpu", hbm_bytes=int(95.74 * GiB), peak_flops=459e12, hbm_bytes_per_s=2.765e12,
+                  intra_host_bytes_per_s=600e9, inter_host_bytes_per_s=6.25e9, generation="v5p", tpu_prefix="v5",
+                  chip_config="megacore", grid_rank=3, cores_per_chip=2, wrap_from=64),
+    "v6e": Target("TPU v6e", "tpu", hbm_bytes=int(31.25 * GiB), peak_flops=918e12, hbm_bytes_per_s=1.638e12,
+                  intra_host_bytes_per_s=400e9, inter_host_bytes_per_s=6.25e9, generation="v6e", tpu_prefix="v6e",
+                  chip_config="default", grid_rank=2, wrap_from=128),
     # Fake CPU devices: the tool's logic on any machine. The figures are nominal, not a CPU's.
     "cpu": Target("CPU (fake devices)", "cpu", hbm_bytes=16 * GiB, peak_flops=1e12, hbm_bytes_per_s=100e9,
                   intra_host_bytes_per_s=50e9, inter_host_bytes_per_s=10e9),
@@ -105,3 +152,73 @@ class Topology:
 
     def __str__(self) -> str:
         return f"{self.slices}x{self.hosts}x{self.per_host}"
+
+
+# ------------------------------------------------------------------------------------------------ TPU slices
+
+# Cloud TPU's slice shapes by chip count: 2D tori for v5e/v6e, 3D for v4/v5p.
+_GRIDS = {2: {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)},
+          3: {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+              256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}}
+
+
+def tpu_slice(target: Target, topology: Topology) -> dict:
+    """The `get_topology_desc` arguments for `topology` (S slices x H hosts x G chips per host) of `target`."""
+    chips = topology.hosts * topology.per_host
+    grids = _GRIDS[target.grid_rank]
+    if chips not in grids:
+        raise ValueError(f"--topology {topology}: a {target.generation} slice has one of {sorted(grids)} chips, "
+                         f"not {chips}")
+    grid = grids[chips]
+    per_host = {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 4, 1)}.get(topology.per_host)
+    if per_host is None or topology.per_host > chips:
+        raise ValueError(f"--topology {topology}: a TPU host has 1, 4 or 8 chips (at most the slice's {chips})")
+    # An axis wraps around (a torus ring) once the slice is large enough: every axis of 4+ chips from 64 chips
+    # on v4/v5p; on v5e/v6e only full-pod axes of 16 chips (8x16: the 16 axis; 16x16: both).
+    if chips < target.wrap_from:
+        wrap = (False,) * len(grid)
+    elif target.grid_rank == 3:
+        wrap = tuple(d >= 4 for d in grid)
+    else:
+        wrap = tuple(d == 16 for d in grid)
+    return dict(platform="tpu", topology_name=f"{target.tpu_prefix}:{'x'.join(map(str, grid))}",
+                chip_config_name=target.chip_config, chips_per_host_bounds=per_host,
+                num_slices=topology.slices, wrap=wrap + (False,) * (3 - len(wrap)))
+
+
+_SLICE_NAME = re.compile(r"^(v4|v5e|v5p|v6e)-(\d+)$")
+
+
+def parse_target(name: str, topology: str | None) -> tuple[Target, Topology]:
+    """A --target (h100, h200, cpu, v4, v5e, v5p, v6e, or a slice name like v5p-64) and its topology.
+
+    Slice names follow Cloud TPU's accelerator types: v5e-N and v6e-N count chips, v4-N and v5p-N count
+    TensorCores (two per chip: v5p-64 is 32 chips). Their hosts hold 4 chips (8 for v5e-8 and v6e-8).
+    `topology` (SxHxG) may add slices (2x8x4 with v5p-64: two 32-chip slices) but must keep the chip count.
+    """
+    m = _SLICE_NAME.match(name.lower())
+    if m is None:
+        if name not in TARGETS:
+            raise ValueError(f"--target {name!r}: use one of {', '.join(sorted(TARGETS))} or a TPU slice name "
+                             "like v5p-64, v6e-64, v5e-256")
+        target = TARGETS[name]
+        if topology is None:
+            if target.platform == "tpu":
+                raise ValueError(f"--target {name} needs --topology SxHxG (e.g. 1x8x4: 32 chips on 8 hosts) or "
+                                 f"a slice name like {name}-64")
+            topology = "1x1x8"
+        return target, Topology.parse(topology)
+    target = TARGETS[m.group(1)]
+    count = int(m.group(2))
+    if count % target.cores_per_chip:
+        raise ValueError(f"--target {name}: {m.group(1)}-N counts TensorCores, {target.cores_per_chip} per chip")
+    chips = count // target.cores_per_chip
+    per_host = 8 if chips == 8 and target.grid_rank == 2 else min(4, chips)
+    named = Topology(1, max(1, chips // per_host), per_host)
+    if topology is None:
+        return target, named
+    given = Topology.parse(topology)
+    if given.hosts * given.per_host != chips:
+        raise ValueError(f"--topology {topology} has {given.hosts * given.per_host} chips per slice but {name} "
+                         f"has {chips}; use {named} (or Sx{named.hosts}x{named.per_host} for S slices)")
+    return target, given

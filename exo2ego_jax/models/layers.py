@@ -10,7 +10,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from exo2ego_jax.errors import check_choice
 
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 
 # Named rematerialization policies, chosen by name in the config (the MaxText convention). Each entry maps
 # to a `jax.checkpoint` policy; `None` means "do not wrap the layer in remat at all".
@@ -49,17 +49,24 @@ def constrain(x: jax.Array, names: tuple) -> jax.Array:
 
 
 def dot_product_attention(query, key, value, *, impl: str, mask=None, is_causal: bool = False,
-                          kv_lengths=None, local_window: int | None = None):
+                          kv_lengths=None, segment_ids=None, local_window: int | None = None):
     """Scaled dot-product attention on [B, T, N, H] tensors (GQA when key/value have fewer heads).
 
     `impl='xla'` takes any boolean `mask` ([B, 1|N, T, S]); `impl='cudnn'` runs the cuDNN flash kernel and
-    expresses masking as causal + right-padding lengths + a local window, which is all that kernel supports.
-    Softmax statistics are float32 in both (the XLA path accumulates logits in float32).
+    expresses masking as causal + right-padding lengths + a local window, which is all that kernel supports;
+    `impl='splash'` runs Pallas' TPU splash kernel (models/splash.py) with causal + a local window + per-token
+    `segment_ids` (0 = padding), any padding pattern. Softmax statistics are float32 in all three.
 
     jax 0.10.2's cuDNN path rejects an odd training length ("Unsupported sequence length": CLIP's 577 = 24 x 24
     + 1 tokens, or an unbucketed text): one padded position, masked out as a key through the per-sequence key
     lengths and dropped as a query, gives the same result.
     """
+    if impl == "splash":
+        if mask is not None or kv_lengths is not None:
+            raise ValueError("attention_impl='splash' takes segment_ids/is_causal/local_window, not a mask")
+        from exo2ego_jax.models.splash import splash_attention
+        return splash_attention(query, key, value, is_causal=is_causal, segment_ids=segment_ids,
+                                local_window=local_window)
     if impl == "cudnn":
         if mask is not None:
             raise ValueError("attention_impl='cudnn' takes kv_lengths/is_causal/local_window, not a dense mask")

@@ -176,6 +176,9 @@ class MistralAttention(nn.Module):
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
         if "mask" in attn:
             out = dot_product_attention(q, k, v, impl="xla", mask=attn["mask"])
+        elif "segment_ids" in attn:  # splash (TPU): causal + window + padding as segment 0
+            out = dot_product_attention(q, k, v, impl="splash", is_causal=True, segment_ids=attn["segment_ids"],
+                                        local_window=cfg.sliding_window)
         else:  # cuDNN flash path: causal + right-padding lengths + window
             out = dot_product_attention(q, k, v, impl="cudnn", is_causal=True, kv_lengths=attn["kv_lengths"],
                                         local_window=cfg.sliding_window)
@@ -275,6 +278,10 @@ class MistralForCausalLM(nn.Module):
             if cfg.attention_impl == "cudnn":
                 # Right padding only: the key length is the number of real tokens.
                 attn = dict(kv_lengths=attention_mask.sum(-1).astype(jnp.int32))
+            elif cfg.attention_impl == "splash":
+                # Any padding pattern; the window counts slots, which are the positions unless the caller
+                # passes position_ids that skip (left padding with a sliding window: use `xla`).
+                attn = dict(segment_ids=attention_mask.astype(jnp.int32))
             else:
                 slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
                 mask = _causal_mask(slots, slots, attention_mask, None)

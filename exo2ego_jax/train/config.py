@@ -25,6 +25,7 @@ from exo2ego_jax.models.mistral import MistralConfig
 from exo2ego_jax.models.stc import STCConfig
 from exo2ego_jax.paths import absolute
 from exo2ego_jax.sharding import FROZEN_LAYOUTS
+from exo2ego_jax.train.hardware import ATTENTION_BY_PLATFORM, Hardware, apply_hardware, current_hardware
 from exo2ego_jax.train.stages import STAGES, StageSpec, get_stage
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -109,13 +110,16 @@ def model_config(c) -> Exo2EgoConfig:
     """The model the config's `model` section describes (before any init checkpoint is consulted)."""
     m = c.model
     compute = c.compute_dtype
+    attention = m.attention_impl
+    if attention == "auto":  # not resolved for a target yet (resolve() does): this process's platform
+        attention = ATTENTION_BY_PLATFORM[current_hardware().platform]
     clip = CLIPVisionConfig(**dict(m.clip), dtype=compute, scan_layers=m.scan_layers,
-                            remat_policy=m.clip_remat_policy, attention_impl=m.attention_impl)
+                            remat_policy=m.clip_remat_policy, attention_impl=attention)
     lora = None
     if c.lora.enabled:
         lora = LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout, targets=tuple(c.lora.targets))
     llm = MistralConfig(**dict(m.llm), dtype=compute, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
-                        attention_impl=m.attention_impl, lora=lora)
+                        attention_impl=attention, lora=lora)
     stc = STCConfig(encoder_hidden_size=clip.hidden_size, hidden_size=llm.hidden_size, dtype=compute, **dict(m.stc))
     mapper = MapperConfig(channels=clip.hidden_size, dtype=compute, **dict(m.mapper))
     return Exo2EgoConfig(clip=clip, llm=llm, stc=stc, mapper=mapper, num_frames=m.num_frames, fusion=m.fusion,
@@ -292,12 +296,14 @@ class Run:
         return c.microbatches
 
 
-def resolve_for_compile(c) -> Run:
-    """`c` validated, with the architecture of its model section and no init checkpoint read (ahead-of-time
-    compilation needs shapes only; the 7b presets' model section is VideoLLaMA2-7B-16F's)."""
+def resolve_for_compile(c, hardware: Hardware, explicit=None) -> Run:
+    """`c` resolved for `hardware` and validated, with the architecture of its model section and no init
+    checkpoint read (ahead-of-time compilation needs shapes only; the 7b presets' model section is
+    VideoLLaMA2-7B-16F's)."""
+    notes = apply_hardware(c, hardware, explicit)
     validate(c)
     return Run(config=c, model=model_config(c), loss=loss_config(c), stage=stage_spec(c), init_path=None,
-               tokenizer_dir="")
+               tokenizer_dir="", notes=tuple(notes))
 
 
 # Config fields holding paths: made absolute once, so the run (and its recorded config) means the same from any
@@ -310,14 +316,17 @@ def absolute_paths(c) -> None:
         c[section][field] = absolute(c[section][field])
 
 
-def resolve(c, explicit=None) -> Run:
-    """Validate `c` (its path fields made absolute) and derive the model, loss and stage once. `explicit`: the
-    config fields the command line set (see `checkpoint_model_config`)."""
+def resolve(c, explicit=None, hardware: Hardware | None = None) -> Run:
+    """Validate `c` (its path fields made absolute, its hardware choices resolved for `hardware`, by default
+    this process's devices) and derive the model, loss and stage once. `explicit`: the config fields the
+    command line set (see `checkpoint_model_config`)."""
     absolute_paths(c)
+    notes = apply_hardware(c, hardware or current_hardware(), explicit)
     validate(c)
     init_path = resolve_init(c)
-    model, notes = model_config(c), []
+    model = model_config(c)
     if init_path is not None:
-        model, notes = checkpoint_model_config(init_path, c, model, explicit)
+        model, from_checkpoint = checkpoint_model_config(init_path, c, model, explicit)
+        notes += from_checkpoint
     return Run(config=c, model=model, loss=loss_config(c), stage=stage_spec(c), init_path=init_path,
                tokenizer_dir=tokenizer_dir(c), notes=tuple(notes))
