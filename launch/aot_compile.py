@@ -26,6 +26,7 @@ compiler's refusal is reported the same way, with `out_of_memory` in the JSON).
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import sys
@@ -33,40 +34,16 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from exo2ego_jax.bench.environment import prepare_from_argv
 
-def _early(flag: str, default: str) -> str:
-    """A flag's value before JAX starts (the platform and fake device count must be set first)."""
-    for i, arg in enumerate(sys.argv):
-        if arg.startswith(f"--{flag}="):
-            return arg.split("=", 1)[1]
-        if arg == f"--{flag}" and i + 1 < len(sys.argv):
-            return sys.argv[i + 1]
-    return default
-
-
-def _prepare_environment() -> None:
-    from exo2ego_jax.bench.targets import Topology
-    os.environ["JAX_PLATFORMS"] = "cpu"  # GPU and TPU targets compile through their plugins without a device
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # parallel compiles each load libtpu
-    flags = os.environ.get("XLA_FLAGS", "")
-    target = _early("target", "h100")
-    if target == "cpu":
-        try:
-            n = Topology.parse(_early("topology", "1x1x8")).num_devices
-        except ValueError:
-            n = 1
-        flags += f" --xla_force_host_platform_device_count={n}"
-    elif target.startswith("h"):  # no autotuning without a device: cuBLAS calls are closer to a real build
-        flags += " --xla_gpu_enable_triton_gemm=false"
-    os.environ["XLA_FLAGS"] = flags.strip()
-
-
-_prepare_environment()
+prepare_from_argv("h100")  # before JAX starts
 
 import argparse
 
 from exo2ego_jax.bench.aot import compile_step, report, target_devices
+from exo2ego_jax.bench.estimate import PART_COLUMNS, part_rows
 from exo2ego_jax.bench.targets import TARGETS, parse_target
+from exo2ego_jax.bench.timing import print_table
 from exo2ego_jax.configfile import load_config_file, split_config_args
 from exo2ego_jax.errors import ConfigError, run_config_cli
 from exo2ego_jax.provenance import commit, machine
@@ -83,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"the device to compile for: {', '.join(sorted(TARGETS))}, or a TPU slice like v5p-64")
     p.add_argument("--topology", help="SxHxG: slices x hosts x devices per host (GPUs: 1x1x8 by default)")
     p.add_argument("--json", type=absolute, help="write the report here")
+    p.add_argument("--hlo", type=absolute, help="also write the optimized HLO module here (.gz: gzipped), for "
+                                               "reading it again without compiling")
     p.add_argument("--model_flops", action=argparse.BooleanOptionalAction, default=True,
                    help="count the model's useful FLOPs (lowers each module once more)")
     return p
@@ -121,6 +100,17 @@ def print_report(r: dict) -> None:
     print(f"roofline bound: {b['step_s']:.3f} s/step (compute {b['compute_s']:.3f}, kernel HBM {b['hbm_s']:.3f}, "
           f"collectives {b['comm_s']:.3f}), {b['clips_per_s']:.2f} clips/s, {b['tokens_per_s']:.0f} LLM tokens/s "
           f"per device; collectives hide under compute at 60% of peak: {b['comm_hidden_at_60pct']}")
+    print_estimate(r)
+
+
+def print_estimate(r: dict) -> None:
+    e, b = r["estimate"], r["bound"]
+    mfu = f"{100 * e['mfu']:.1f}%" if e["mfu"] else "-"
+    print(f"per-kernel estimate: {e['step_s']:.3f} s/step (bound {b['step_s']:.3f}), MFU {mfu}; kernels "
+          f"{e['compute_s']:.3f} s of which memory-bound {e['memory_bound_s']:.3f} s, launch gaps {e['launch_s']:.3f} s; "
+          f"collectives {e['collectives_s']:.3f} s of which exposed {e['exposed_collectives_s']:.3f} s; "
+          f"{e['clips_per_s']:.2f} clips/s ({e['kernels']} kernels, {e['kernel_runs']} runs per step)")
+    print_table(part_rows(e["by_part"], e["step_s"]), PART_COLUMNS)
 
 
 def does_not_fit(r: dict) -> str:
@@ -139,6 +129,13 @@ def does_not_fit(r: dict) -> str:
             "lower per_device_batch, use sharding.frozen=fsdp, a stronger remat policy or more devices")
 
 
+def write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wt") as f:
+        f.write(text)
+
+
 def main(argv) -> int:
     path, preset, overrides, rest = split_config_args(argv)
     a = parser().parse_args(rest)
@@ -150,6 +147,8 @@ def main(argv) -> int:
     run = resolve_for_compile(load_config_file(path, preset, overrides), hardware_of(devices[0]), set(overrides))
     compiled = compile_step(run, devices, num_hosts=topology.num_hosts)
     r = report(compiled, target, topology, with_model_flops=a.model_flops)
+    if a.hlo and compiled.executable is not None:
+        write_text(a.hlo, compiled.executable.as_text())
     r.update(commit=commit(), machine=machine())
     print_report(r)
     if a.json:

@@ -1,12 +1,15 @@
-"""Compile every 7b stage for GPU pods on this machine and tabulate the figures (launch/BENCHMARKS.md's table).
+"""Compile every 7b stage for GPU pods and TPU slices on this machine and tabulate the figures
+(launch/BENCHMARKS.md's tables).
 
-  python launch/aot_sweep.py --out /tmp/aot_sweep [--only s3_h100_1x1x8,...] [--list]
+  python launch/aot_sweep.py --out /tmp/aot_sweep [--only s3_h100_1x1x8,...] [--kind tpu] [--list]
 
 Each entry is one `launch/aot_compile.py` run in its own process (minutes each on 2 cores; about an hour for
-all). `presets`: every stage's 7b preset on one 8-GPU H100 and H200 host, stage 3 also on two and four hosts.
-`choices`: one stage with one preset choice undone, for the before/after of each choice. A rerun
-skips entries whose JSON exists. Writes OUT/<entry>.json, OUT/<entry>.log and OUT/table.md (with the commit and
-machine); exits 1 if a preset entry does not fit.
+each kind). `presets`: every stage's 7b preset on one 8-GPU H100 and H200 host, stage 3 also on two and four
+hosts. `choices`: one stage with one preset choice undone, for the before/after of each choice. `tpu`: every
+stage's 7b preset on v5p-64 (32 chips) and v6e-64, stage 3 also on v5e-256, on two v5p-64 slices and on v5e-8
+(to say whether it fits there at all). A rerun skips entries whose JSON exists. Writes OUT/<entry>.json,
+OUT/<entry>.log, OUT/<entry>.hlo.gz (the optimized module) and OUT/table.md (with the commit and machine);
+exits 1 if a preset entry does not fit.
 """
 from __future__ import annotations
 
@@ -58,15 +61,23 @@ ENTRIES = [
           "frozen params sharded like the trainable ones"),
     Entry("s2_pdb4", "stage2", "h100", "1x1x8", ("--config.per_device_batch=4",), "choices",
           "4 clips per GPU per microbatch"),
+    *(Entry(f"s{i}_{t}", f"stage{i}", t, "", kind="tpu") for t in ("v5p-64", "v6e-64") for i in range(4)),
+    Entry("s3_v5e-256", "stage3", "v5e-256", "", kind="tpu"),
+    Entry("s3_2x_v5p-64", "stage3", "v5p-64", "2x8x4", kind="tpu", note="two slices over DCN"),
+    Entry("s3_v5e-8", "stage3", "v5e-8", "", kind="tpu_limits", note="the preset on one v5e host"),
+    Entry("s3_v5e-8_pdb8", "stage3", "v5e", "1x1x8", ("--config.per_device_batch=8",), "tpu_limits",
+          "8 clips per chip: past a v5e chip's HBM"),
 ]
+TPU_KINDS = ("tpu", "tpu_limits")
 
 
 def run_entry(e: Entry, out: str) -> dict | None:
     path = os.path.join(out, f"{e.name}.json")
     if not os.path.exists(path):
         cmd = [sys.executable, os.path.join(ROOT, "launch", "aot_compile.py"), "--config",
-               os.path.join(ROOT, "configs", f"{e.stage_file}.py") + ":7b", "--target", e.target, "--topology",
-               e.topology, "--json", path, *e.overrides]
+               os.path.join(ROOT, "configs", f"{e.stage_file}.py") + ":7b", "--target", e.target,
+               *(("--topology", e.topology) if e.topology else ()), "--json", path,
+               "--hlo", os.path.join(out, f"{e.name}.hlo.gz"), *e.overrides]
         started = time.time()
         with open(os.path.join(out, f"{e.name}.log"), "w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -77,7 +88,29 @@ def run_entry(e: Entry, out: str) -> dict | None:
         return json.load(f)
 
 
+def tpu_row(e: Entry, r: dict | None) -> str:
+    first = f"| {e.name} | {e.stage_file} | {e.target} {e.topology or ''}".rstrip() + " | "
+    if r is None:
+        return first + f"failed (see {e.name}.log) |" + " |" * 9
+    if r.get("out_of_memory"):
+        oom = r["out_of_memory"]
+        need = f"{oom['required_bytes'] / GiB:.1f}" if oom["required_bytes"] else "?"
+        return (first + f"{r['per_device_batch']} x {r['microbatches']} | does not fit: the compiler needs {need} "
+                f"of {(oom['available_bytes'] or r['hbm_bytes']) / GiB:.2f} GiB |" + " |" * 7
+                + f" {r.get('commit', 'not recorded')} |")
+    links = r.get("collective_bytes", {})
+    b = r["bound"]
+    per_chip = b["clips_per_s"] / r["devices"]
+    return (first + f"{r['per_device_batch']} x {r['microbatches']} | {r['memory']['total'] / GiB:.1f} / "
+            f"{r['usable_bytes'] / GiB:.2f} | {100 * r['headroom']:.0f}% | {r['recompute_ratio']:.2f} | "
+            f"{links.get('ICI', 0) / 1e9:.1f} / {links.get('DCN', 0) / 1e9:.2f} | "
+            f"{b['comm_s']:.3f} / {b['compute_s']:.3f} | {b['clips_per_s']:.1f} / {per_chip:.2f} | "
+            f"{r['compile_s']:.0f} | {r.get('commit', 'not recorded')} |")
+
+
 def row(e: Entry, r: dict | None) -> str:
+    if e.kind in TPU_KINDS:
+        return tpu_row(e, r)
     first = f"| {e.name} | " + (f"{e.note} | " if e.kind == "choices" else "")
     if r is None:
         return first + f"{e.stage_file} | {e.target} {e.topology} | failed (see {e.name}.log) |" + " |" * 8
@@ -95,8 +128,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=absolute, required=True, help="folder for the reports (reused: finished entries are kept)")
     p.add_argument("--only", default="", help="comma-separated entry names")
     p.add_argument("--list", action="store_true", help="print the entries and exit")
+    p.add_argument("--kind", choices=("presets", "choices", "tpu", "gpu"), help="only these entries (gpu: presets "
+                                                                               "and choices)")
     a = p.parse_args(argv)
     entries = ENTRIES
+    if a.kind:
+        kinds = {"gpu": ("presets", "choices"), "tpu": TPU_KINDS}.get(a.kind, (a.kind,))
+        entries = [e for e in entries if e.kind in kinds]
     if a.only:
         names = a.only.split(",")
         unknown = sorted(set(names) - {e.name for e in ENTRIES})
@@ -114,16 +152,22 @@ def main(argv=None) -> int:
                "bound clips/s | compile s | compiled at commit |")
     # entries kept from earlier runs may come from other commits: each row names its own
     lines = [f"Table written at commit {commit()} on {machine()}, {time.strftime('%Y-%m-%d')}.", ""]
-    for kind, title in (("presets", "The 7b presets"), ("choices", "One preset choice undone (H100, 1x1x8)")):
+    tpu_columns = ("stage | slice | clips per chip x microbatches | GiB per chip (of HBM) | headroom | "
+                   "executed / model FLOPs | collective GB per chip per step (ICI / DCN) | collectives / compute s "
+                   "at peak | bound clips/s per slice / per chip | compile s | compiled at commit |")
+    for kind, title in (("presets", "The 7b presets"), ("choices", "One preset choice undone (H100, 1x1x8)"),
+                        ("tpu", "The 7b presets on Cloud TPU slices"),
+                        ("tpu_limits", "Stage 3 on one v5e host")):
         chosen = [e for e in entries if e.kind == kind]
         if chosen:
-            head = "| entry | " + ("change from the preset | " if kind == "choices" else "") + columns
+            head = "| entry | " + ("change from the preset | " if kind == "choices" else "") + (
+                tpu_columns if kind in TPU_KINDS else columns)
             lines += [f"### {title}", "", head, "|---" * (head.count(" | ") + 1) + "|"]
             lines += [row(e, results[e.name]) for e in chosen] + [""]
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
-    bad = [e.name for e in entries if e.kind == "presets" and not (results[e.name] or {}).get("fits")]
+    bad = [e.name for e in entries if e.kind in ("presets", "tpu") and not (results[e.name] or {}).get("fits")]
     if bad:
         print(f"error: preset entries that do not fit or failed: {bad}", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from exo2ego_jax.bench import estimate as estimate_lib
 from exo2ego_jax.bench import hlo
 from exo2ego_jax.bench.targets import Target, Topology, tpu_slice
 from exo2ego_jax import device_memory
@@ -288,6 +289,8 @@ def report(compiled: Compiled, target: Target, topology: Topology, *, with_model
     fast = sum(v["bytes"] for v in analysis.collectives.values()) - slow
     comm_s = fast / target.intra_host_bytes_per_s + slow / target.inter_host_bytes_per_s
     step_s = max(compute_s, hbm_s, comm_s)
+    est = estimate_lib.estimate(exe.as_text(), target, num_devices=n, useful_flops=model_per_device,
+                                host_of=host_of, num_slices=topology.slices)
     return dict(
         head, llm_tokens_per_step=model["llm_tokens"],
         fits=bool(memory["total"] <= usable), memory=memory, headroom=1.0 - memory["total"] / usable,
@@ -306,4 +309,11 @@ def report(compiled: Compiled, target: Target, topology: Topology, *, with_model
                    peak_flops=target.peak_flops, hbm_bytes_per_s=target.hbm_bytes_per_s,
                    intra_host_bytes_per_s=target.intra_host_bytes_per_s,
                    inter_host_bytes_per_s=target.inter_host_bytes_per_s),
+        estimate=dict(step_s=est["step_s"], mfu=est["mfu"] if model_per_device else None,
+                      exposed_collectives_s=est["exposed_collectives_s"], compute_s=est["compute_s"],
+                      memory_bound_s=est["memory_bound_s"], collectives_s=est["collectives_s"],
+                      launch_s=est["launch_s"], kernels=est["kernels"], kernel_runs=est["kernel_runs"],
+                      clips_per_s=c.batch_size / est["step_s"] if est["step_s"] else None,
+                      tokens_per_s=model["llm_tokens"] / n / est["step_s"] if est["step_s"] else None,
+                      by_part=est["by_part"], assumptions=est["assumptions"]),
     )

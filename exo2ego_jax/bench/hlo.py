@@ -101,7 +101,26 @@ class Module:
         if bound is None or index is None or direction not in ("LT", "LE", "NE"):
             return 1
         start = self._init_value(loop, int(index.group(1)))
-        return max(0, int(bound) - start + (direction == "LE"))
+        step = self._increment(loop, int(index.group(1)))
+        return max(0, -(-(int(bound) - start + (direction == "LE")) // step))
+
+    def _increment(self, loop: Instruction, index: int) -> int:
+        """How much the body adds to the induction variable per iteration (1 unless it says otherwise: XLA's
+        windowed-einsum loops for FSDP matmuls step by 2)."""
+        body = re.search(r"\bbody=%?([\w.\-]+)", loop.text)
+        instructions = self.computations.get(body.group(1), []) if body else []
+        by_name = {ins.name: ins for ins in instructions}
+        root = next((ins for ins in instructions if ins.text.lstrip().startswith("ROOT")), None)
+        if root is None or root.opcode != "tuple" or index >= len(root.operands):
+            return 1
+        update = by_name.get(root.operands[index])
+        while update is not None and update.opcode in ("copy", "bitcast", "convert") and update.operands:
+            update = by_name.get(update.operands[0])
+        if update is None or update.opcode != "add":
+            return 1
+        values = [_constant_value(by_name.get(o)) for o in update.operands]
+        step = next((v for v in values if v is not None), 1)
+        return max(1, int(step))
 
     def _init_value(self, loop: Instruction, index: int) -> int:
         """The start value of element `index` of a loop's state, when the init tuple holds a constant there."""

@@ -14,17 +14,7 @@ import json
 import os
 import re
 
-# (component, regex on the op_name metadata); first match wins
-COMPONENTS = (
-    ("CLIP ego encoder", r"/ego_encoder/"),
-    ("CLIP exo encoder", r"/exo_encoder/"),
-    ("mappers F/G", r"/mapper_[fg]/"),
-    ("cycle/KL/VTG losses", r"/losses/"),
-    ("STC connector", r"/connector/"),
-    ("LLM", r"/llm/"),
-    ("optimizer", r"/optimizer/"),
-)
-OTHER = "other (glue, copies, host)"
+from exo2ego_jax.bench.parts import LABELS, OTHER, PARTS, part_of
 
 
 def hlo_op_names(hlo_text: str) -> dict[str, str]:
@@ -33,13 +23,6 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
     for m in re.finditer(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]+)\"", hlo_text, re.M):
         out[m.group(1)] = m.group(2)
     return out
-
-
-def component_of(op_name: str) -> str:
-    for name, pattern in COMPONENTS:
-        if re.search(pattern, "/" + op_name + "/"):
-            return name
-    return OTHER
 
 
 def load_trace_events(trace_dir: str) -> list[dict]:
@@ -85,14 +68,14 @@ def attribute(events: list[dict], op_names: dict[str, str], *, steps: int, step_
         per_op[_hlo_name(e)] += exclusive_us * 1e-6 / steps  # us -> s, per step
     parts = collections.Counter()
     for name, seconds in per_op.items():
-        parts[component_of(op_names[name])] += seconds
+        parts[part_of(op_names[name])] += seconds
     measured = sum(parts.values())
     if measured > step_time_s:  # ops overlapped (multi-threaded CPU runtime, GPU streams): scale to the step
         parts = collections.Counter({k: v * step_time_s / measured for k, v in parts.items()})
         measured = step_time_s
     parts[OTHER] += step_time_s - measured
-    rows = [dict(component=name, seconds=parts.get(name, 0.0), share=parts.get(name, 0.0) / step_time_s)
-            for name, _ in COMPONENTS + ((OTHER, None),)]
-    top_ops = [dict(op=name, op_name=op_names[name], seconds=s, component=component_of(op_names[name]))
+    rows = [dict(part=part, component=LABELS[part], seconds=parts.get(part, 0.0),
+                 share=parts.get(part, 0.0) / step_time_s) for part in [p for p, _, _ in PARTS] + [OTHER]]
+    top_ops = [dict(op=name, op_name=op_names[name], seconds=s, component=LABELS[part_of(op_names[name])])
                for name, s in per_op.most_common(top)]
     return rows, top_ops

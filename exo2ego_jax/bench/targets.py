@@ -48,6 +48,10 @@ class Target:
     mem_clock_khz: int = 0
     cudnn: tuple[int, int, int] = (9, 10, 0)
     generation: str = ""          # hopper, v4, v5e, v5p, v6e
+    # Element-wise FLOP/s outside the matrix units (the per-op estimate, bench/estimate.py): Hopper's FP32 CUDA
+    # cores, 67 TFLOP/s (datasheet). 0: not modelled (TPU vector units: no published figure), so element-wise
+    # kernels are timed by their bytes alone.
+    vector_flops: float = 0.0
     # TPU only: libtpu's topology prefix and chip config, the grid's rank, TensorCores per chip (v4-N and
     # v5p-N count cores), and the chip count from which the slice's axes wrap around.
     tpu_prefix: str = ""
@@ -103,10 +107,10 @@ class Target:
 TARGETS = {
     "h100": Target("NVIDIA H100 80GB HBM3", "cuda", hbm_bytes=84942979072, peak_flops=989e12,
                    hbm_bytes_per_s=3.35e12, intra_host_bytes_per_s=450e9, inter_host_bytes_per_s=50e9,
-                   mem_clock_khz=2619000, generation="hopper"),
+                   mem_clock_khz=2619000, generation="hopper", vector_flops=67e12),
     "h200": Target("NVIDIA H200 141GB HBM3e", "cuda", hbm_bytes=151397597184, peak_flops=989e12,
                    hbm_bytes_per_s=4.8e12, intra_host_bytes_per_s=450e9, inter_host_bytes_per_s=50e9,
-                   mem_clock_khz=3750000, generation="hopper"),
+                   mem_clock_khz=3750000, generation="hopper", vector_flops=67e12),
     # Cloud TPU chips (Google's published per-chip figures): bf16 peak, HBM bandwidth, ICI as half the
     # bidirectional per-chip figure, DCN per chip (v5p: 50 Gb/s published; v5e: its 6.4 Tb/s per 256-chip pod;
     # v4 and v6e: not published per chip, v5p's figure assumed). HBM: the capacity libtpu compiles against.
