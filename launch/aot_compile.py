@@ -42,6 +42,7 @@ import argparse
 
 from exo2ego_jax.bench.aot import compile_step, report, target_devices
 from exo2ego_jax.bench.estimate import PART_COLUMNS, part_rows
+from exo2ego_jax.bench.serving import PROGRAMS, ServingShapes, compile_program, report_program
 from exo2ego_jax.bench.targets import TARGETS, parse_target
 from exo2ego_jax.bench.timing import print_table
 from exo2ego_jax.configfile import load_config_file, split_config_args
@@ -60,6 +61,12 @@ def parser() -> argparse.ArgumentParser:
                    help=f"the device to compile for: {', '.join(sorted(TARGETS))}, or a TPU slice like v5p-64")
     p.add_argument("--topology", help="SxHxG: slices x hosts x devices per host (GPUs: 1x1x8 by default)")
     p.add_argument("--json", type=absolute, help="write the report here")
+    p.add_argument("--program", choices=PROGRAMS, default="train",
+                   help="train: the stage's step; prefill, decode, score: the serving programs of the stage's model")
+    p.add_argument("--batch", type=int, help="sequences (prefill, decode; default 1) or scored rows (score; default "
+                                            "16, the evaluation's chunk)")
+    p.add_argument("--prompt_tokens", type=int, default=64, help="serving: text tokens around the clip")
+    p.add_argument("--new_tokens", type=int, default=256, help="serving: KV-cache room for the answer")
     p.add_argument("--hlo", type=absolute, help="also write the optimized HLO module here (.gz: gzipped), for "
                                                "reading it again without compiling")
     p.add_argument("--model_flops", action=argparse.BooleanOptionalAction, default=True,
@@ -136,6 +143,41 @@ def write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def serve_program(a, run, devices, target, topology) -> int:
+    shapes = ServingShapes(batch=a.batch or (16 if a.program == "score" else 1), prompt_tokens=a.prompt_tokens,
+                           new_tokens=a.new_tokens)
+    program = compile_program(run, devices, a.program, shapes)
+    r = report_program(program, run, target, topology, shapes)
+    r.update(commit=commit(), machine=machine())
+    if a.hlo and program.executable is not None:
+        write_text(a.hlo, program.executable.as_text())
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=1, default=str)
+    t = r["target"]
+    print(f"{r['program']} of the {r['stage']} {r['preset']} model on {r['topology']} x {t['name']}: batch {r['batch']}, "
+          f"prompt {r['prompt_tokens']} tokens, KV cache {r['cache_length']} slots "
+          f"({r['kv_cache_bytes'] / GiB:.2f} GiB per device), weights {r['weight_bytes'] / GiB:.2f} GiB per device, "
+          f"attention {r['attention']}; compiled in {r['compile_s']:.0f} s")
+    if not r["fits"]:
+        print(f"error: {r['program']} does not fit on {r['topology']} x {t['name']}: "
+              f"{(r.get('out_of_memory') or {}).get('message', 'past the device memory')}", file=sys.stderr)
+        return 1
+    m, e = r["memory"], r["estimate"]
+    print(f"memory per device: {m['total'] / GiB:.2f} GiB of {r['usable_bytes'] / GiB:.2f} usable "
+          f"({100 * r['headroom']:.0f}% free)")
+    print(f"per-kernel estimate: {e['step_s'] * 1e3:.2f} ms per run, {e['tokens_per_s']:.0f} tokens/s, MFU "
+          f"{100 * (e['mfu'] or 0):.1f}%; memory-bound kernels {e['memory_bound_s'] * 1e3:.2f} ms, launch gaps "
+          f"{e['launch_s'] * 1e3:.2f} ms ({e['kernel_runs']} kernel runs)")
+    if "weight_read_bound" in r:
+        w = r["weight_read_bound"]
+        print(f"reading the weights once per step at the datasheet bandwidth: {w['step_s'] * 1e3:.2f} ms, "
+              f"{w['tokens_per_s']:.0f} tokens/s; the estimate is {1 / w['estimate_share']:.2f}x that time")
+    print_table(part_rows(e["by_part"], e["step_s"]), PART_COLUMNS)
+    return 0
+
+
 def main(argv) -> int:
     path, preset, overrides, rest = split_config_args(argv)
     a = parser().parse_args(rest)
@@ -145,6 +187,8 @@ def main(argv) -> int:
         raise ConfigError(str(e)) from None
     devices = target_devices(target, topology)
     run = resolve_for_compile(load_config_file(path, preset, overrides), hardware_of(devices[0]), set(overrides))
+    if a.program != "train":
+        return serve_program(a, run, devices, target, topology)
     compiled = compile_step(run, devices, num_hosts=topology.num_hosts)
     r = report(compiled, target, topology, with_model_flops=a.model_flops)
     if a.hlo and compiled.executable is not None:

@@ -32,7 +32,9 @@ import numpy as np
 import optax
 import flax.linen as nn
 
-from exo2ego_jax.bench.timing import datasheet_peak_flops, device_kind, emit, print_table, time_step
+from exo2ego_jax.bench.estimate import estimate
+from exo2ego_jax.bench.timing import (datasheet_peak_flops, device_kind, emit, print_table, this_device_target,
+                                      time_step)
 from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mistral import MistralConfig, MistralForCausalLM
 from exo2ego_jax.models.params import combine_params, path_matcher, split_params
@@ -77,10 +79,12 @@ def forward_flops(fn, *args) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def bench_video_step(size: str, part: str, reps: int) -> dict:
+def bench_video_step(size: str, part: str, reps: int, text: int | None = None) -> dict:
     """The full stage-3 step (or the VideoLLaMA2 baseline path) through the training code."""
     spec = SIZES[size]
-    shape = spec["stage3" if part == "stage3" else "baseline"]
+    shape = dict(spec["stage3" if part == "stage3" else "baseline"])
+    if text:
+        shape["text"] = text
     overrides = {"batch_size": shape["batch"], "microbatches": 1, "data.num_examples": shape["batch"],
                  "data.seq_len": shape["text"]}
     if part == "baseline":  # VideoLLaMA2's LoRA fine-tune: frozen tower, trained connector, x only
@@ -170,6 +174,11 @@ def _row(part, timing, useful, *, tokens, items=None, item_name=None) -> dict:
     peak = datasheet_peak_flops()
     if peak:
         row["mfu"] = useful / timing.step_s / peak
+    if timing.hlo_text:  # the per-kernel estimate of the same compiled program, beside the measurement
+        target = this_device_target()
+        est = estimate(timing.hlo_text, target, num_devices=1, useful_flops=useful)
+        row.update(est_step_s=est["step_s"], est_mfu=est["mfu"], est_target=target.name,
+                   est_by_part={k: v["est_s"] for k, v in est["by_part"].items() if v["est_s"]})
     if items:
         row[f"{item_name}_per_s"] = items / timing.step_s
     return row
@@ -180,6 +189,9 @@ def main(argv=None):
     p.add_argument("--size", choices=sorted(SIZES), default="full")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--stage3_text", type=int, help="text tokens per clip of the stage3 part (default: the size's; "
+                                                     "launch/gpu_check.py sets the anchor's sequence with it)")
+    p.add_argument("--lora_shape", help="BATCHxSEQ of lora_b (default: the size's)")
     p.add_argument("--remat", default="full", help="remat policy of the LLM-only LoRA steps")
     p.add_argument("--attention_impl", default="cudnn" if jax.default_backend() == "gpu" else "xla")
     p.add_argument("--json", type=absolute, default=None)
@@ -192,9 +204,11 @@ def main(argv=None):
     rows = []
     for part in args.only.split(","):
         if part in ("stage3", "baseline"):
-            rec = bench_video_step(args.size, part, args.reps)
+            rec = bench_video_step(args.size, part, args.reps, args.stage3_text if part == "stage3" else None)
         elif part in ("lora_a", "lora_b"):
             b, s = spec["lora"][0 if part == "lora_a" else 1]
+            if part == "lora_b" and args.lora_shape:
+                b, s = (int(v) for v in args.lora_shape.lower().split("x"))
             rec = bench_lora(args.size, b, s, args.reps, args.remat, args.attention_impl)
         elif part == "clip":
             sys.path.insert(0, os.path.join(ROOT, "launch"))
@@ -212,6 +226,7 @@ def main(argv=None):
                        ("clips_per_s", "clips/s", ".3f"), ("frames_per_s", "frames/s", ".1f"),
                        ("new_tokens_per_s", "new tok/s", ".1f"), ("useful_tflops", "useful TFLOP/s", ".3f"),
                        ("model_tflops_per_s", "model TFLOP/s", ".3f"), ("mfu", "MFU", ".2%"),
+                       ("est_step_s", "estimated step s", ".4f"), ("est_mfu", "estimated MFU", ".2%"),
                        ("peak_gb", "peak GB", ".1f"), ("compile_s", "compile s", ".1f")])
 
 

@@ -38,7 +38,7 @@ from exo2ego_jax.bench import estimate as estimate_lib
 from exo2ego_jax.bench.aot import compile_step, model_flops, report, target_devices
 from exo2ego_jax.bench.profile import attribute, hlo_op_names, load_trace_events
 from exo2ego_jax.bench.targets import TARGETS, parse_target
-from exo2ego_jax.bench.timing import device_kind, print_table
+from exo2ego_jax.bench.timing import device_kind, print_table, this_device_target
 from exo2ego_jax.configfile import load_config_file, split_config_args
 from exo2ego_jax.errors import ConfigError, run_config_cli
 from exo2ego_jax.train.batches import global_batch, to_model_batch
@@ -81,12 +81,6 @@ def write_json(path: str, value) -> None:
 def check_stage(c) -> None:
     if c.stage != "stage2":
         raise ConfigError(f"config field 'stage' is {c.stage!r}: this tool profiles the stage-2 step (configs/stage2.py)")
-
-
-def this_device_target():
-    """The datasheet target of the device this process runs on (H100/H200), else the nominal CPU figures."""
-    kind = device_kind()
-    return next((TARGETS[m.lower()] for m in ("H100", "H200") if m in kind), TARGETS["cpu"])
 
 
 def estimate_without_device(c, target_name: str, topology: str | None, trace_dir: str | None,

@@ -21,6 +21,7 @@ class StepTiming:
     flops_xla: float | None  # from compiled.cost_analysis(): what XLA actually runs (recompute included)
     temp_bytes: int | None   # compiled.memory_analysis() temporaries
     peak_bytes: int | None   # device peak after the run, where the backend reports it
+    hlo_text: str = ""       # the compiled program (for the per-kernel estimate beside the measurement)
 
 
 def time_step(fn: Callable, *args, reps: int = 5, warmup: int = 2, donate_first: bool = False) -> tuple[StepTiming, Any]:
@@ -46,7 +47,8 @@ def time_step(fn: Callable, *args, reps: int = 5, warmup: int = 2, donate_first:
             times.append(time.perf_counter() - t)
         if donate_first:
             args = (out[0],) + tuple(args[1:])
-    return StepTiming(compile_s, statistics.median(times), min(times), flops, temp, peak_device_bytes()), out
+    return StepTiming(compile_s, statistics.median(times), min(times), flops, temp, peak_device_bytes(),
+                      compiled.as_text()), out
 
 
 def peak_device_bytes() -> int | None:
@@ -92,3 +94,9 @@ def datasheet_peak_flops() -> float | None:
 def device_kind() -> str:
     d = jax.devices()[0]
     return f"{d.platform}:{getattr(d, 'device_kind', '?')} x{jax.device_count()}"
+
+
+def this_device_target():
+    """The datasheet target of this process's device (H100/H200), else the nominal CPU figures."""
+    kind = device_kind()
+    return next((TARGETS[m.lower()] for m in ("H100", "H200") if m in kind), TARGETS["cpu"])
