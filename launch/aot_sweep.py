@@ -7,7 +7,8 @@ Each entry is one `launch/aot_compile.py` run in its own process (minutes each o
 each kind). `presets`: every stage's 7b preset on one 8-GPU H100 and H200 host, stage 3 also on two and four
 hosts. `choices`: one stage with one preset choice undone, for the before/after of each choice. `tpu`: every
 stage's 7b preset on v5p-64 (32 chips) and v6e-64, stage 3 also on v5e-256, on two v5p-64 slices and on v5e-8
-(to say whether it fits there at all). A rerun skips entries whose JSON exists. Writes OUT/<entry>.json,
+(to say whether it fits there at all). `serving`: the stage-3 model's prefill, decode (batch 1 and 32) and
+option-scoring programs on one H100. A rerun skips entries whose JSON exists. Writes OUT/<entry>.json,
 OUT/<entry>.log, OUT/<entry>.hlo.gz (the optimized module) and OUT/table.md (with the commit and machine);
 exits 1 if a preset entry does not fit.
 """
@@ -68,6 +69,16 @@ ENTRIES = [
     Entry("s3_v5e-8_pdb8", "stage3", "v5e", "1x1x8", ("--config.per_device_batch=8",), "tpu_limits",
           "8 clips per chip: past a v5e chip's HBM"),
 ]
+ENTRIES += [
+    Entry("prefill_h100", "stage3", "h100", "1x1x1", ("--program", "prefill"), "serving",
+          "one clip (x and F(x): 3,042 visual tokens) + 64 prompt tokens"),
+    Entry("decode_b1_h100", "stage3", "h100", "1x1x1", ("--program", "decode", "--batch", "1"), "serving",
+          "one token at batch 1 against a 3,362-slot cache"),
+    Entry("decode_b32_h100", "stage3", "h100", "1x1x1", ("--program", "decode", "--batch", "32"), "serving",
+          "one token at batch 32"),
+    Entry("score_h100", "stage3", "h100", "1x1x1", ("--program", "score"), "serving",
+          "16 (clip, prompt + option) rows: the evaluation's chunk"),
+]
 TPU_KINDS = ("tpu", "tpu_limits")
 
 
@@ -108,18 +119,41 @@ def tpu_row(e: Entry, r: dict | None) -> str:
             f"{r['compile_s']:.0f} | {r.get('commit', 'not recorded')} |")
 
 
+def serving_row(e: Entry, r: dict | None) -> str:
+    first = f"| {e.name} | {e.note} | "
+    if r is None or not r.get("fits"):
+        return first + ("failed" if r is None else "does not fit") + f" (see {e.name}.log) |" + " |" * 7
+    est = r["estimate"]
+    bound = r.get("weight_read_bound")
+    versus = f"{bound['tokens_per_s']:.0f} ({100 * bound['estimate_share']:.0f}%)" if bound else "-"
+    return (first + f"{r['memory']['total'] / GiB:.1f} | {r['kv_cache_bytes'] / GiB:.2f} | "
+            f"{est['step_s'] * 1e3:.2f} | {est['tokens_per_s']:.0f} | {versus} | "
+            f"{est['memory_bound_s'] / est['step_s']:.0%} | {est['launch_s'] * 1e3:.2f} | "
+            f"{r.get('commit', 'not recorded')} |")
+
+
 def row(e: Entry, r: dict | None) -> str:
     if e.kind in TPU_KINDS:
         return tpu_row(e, r)
+    if e.kind == "serving":
+        return serving_row(e, r)
     first = f"| {e.name} | " + (f"{e.note} | " if e.kind == "choices" else "")
     if r is None:
-        return first + f"{e.stage_file} | {e.target} {e.topology} | failed (see {e.name}.log) |" + " |" * 8
+        return first + f"{e.stage_file} | {e.target} {e.topology} | failed (see {e.name}.log) |" + " |" * 10
     collective_gb = sum(v["bytes"] for v in r["collectives"].values()) / 1e9
     b = r["bound"]
     return (first + f"{r['stage']} | {e.target} {e.topology} | {r['per_device_batch']} x {r['microbatches']} | "
             f"{r['memory']['total'] / GiB:.1f} / {r['usable_bytes'] / GiB:.1f} | {100 * r['headroom']:.0f}% | "
             f"{r['recompute_ratio']:.2f} | {collective_gb:.1f} | {b['comm_s']:.3f} / {b['compute_s']:.3f} | "
-            f"{b['clips_per_s']:.1f} | {r['compile_s']:.0f} | {r.get('commit', 'not recorded')} |")
+            f"{b['clips_per_s']:.1f} | {estimated(r)} | {r['compile_s']:.0f} | {r.get('commit', 'not recorded')} |")
+
+
+def estimated(r: dict) -> str:
+    e = r.get("estimate")
+    if not e:
+        return "- | -"
+    return (f"{e['step_s']:.2f} ({100 * (e['mfu'] or 0):.0f}%) | {e['memory_bound_s']:.2f} / "
+            f"{e['exposed_collectives_s']:.3f}")
 
 
 def main(argv=None) -> int:
@@ -128,8 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=absolute, required=True, help="folder for the reports (reused: finished entries are kept)")
     p.add_argument("--only", default="", help="comma-separated entry names")
     p.add_argument("--list", action="store_true", help="print the entries and exit")
-    p.add_argument("--kind", choices=("presets", "choices", "tpu", "gpu"), help="only these entries (gpu: presets "
-                                                                               "and choices)")
+    p.add_argument("--kind", choices=("presets", "choices", "tpu", "serving", "gpu"),
+                   help="only these entries (gpu: presets and choices)")
     a = p.parse_args(argv)
     entries = ENTRIES
     if a.kind:
@@ -149,7 +183,11 @@ def main(argv=None) -> int:
     results = {e.name: run_entry(e, a.out) for e in entries}
     columns = ("stage | target | clips per GPU x microbatches | GiB per GPU (of usable) | headroom | "
                "executed / model FLOPs | collective GB per GPU per step | collectives / compute s at peak | "
-               "bound clips/s | compile s | compiled at commit |")
+               "bound clips/s | estimated s/step (MFU) | memory-bound / exposed collectives s | compile s | "
+               "compiled at commit |")
+    serving_columns = ("GiB on the GPU | KV cache GiB | estimated ms per run | estimated tokens/s | weight-read "
+                       "bound tokens/s (its share of the estimate) | memory-bound share | launch gaps ms | "
+                       "compiled at commit |")
     # entries kept from earlier runs may come from other commits: each row names its own
     lines = [f"Table written at commit {commit()} on {machine()}, {time.strftime('%Y-%m-%d')}.", ""]
     tpu_columns = ("stage | slice | clips per chip x microbatches | GiB per chip (of HBM) | headroom | "
@@ -157,11 +195,13 @@ def main(argv=None) -> int:
                    "at peak | bound clips/s per slice / per chip | compile s | compiled at commit |")
     for kind, title in (("presets", "The 7b presets"), ("choices", "One preset choice undone (H100, 1x1x8)"),
                         ("tpu", "The 7b presets on Cloud TPU slices"),
-                        ("tpu_limits", "Stage 3 on one v5e host")):
+                        ("tpu_limits", "Stage 3 on one v5e host"),
+                        ("serving", "Serving the stage-3 model on one H100")):
         chosen = [e for e in entries if e.kind == kind]
         if chosen:
             head = "| entry | " + ("change from the preset | " if kind == "choices" else "") + (
-                tpu_columns if kind in TPU_KINDS else columns)
+                tpu_columns if kind in TPU_KINDS else "program | " + serving_columns if kind == "serving"
+                else columns)
             lines += [f"### {title}", "", head, "|---" * (head.count(" | ") + 1) + "|"]
             lines += [row(e, results[e.name]) for e in chosen] + [""]
     with open(os.path.join(a.out, "table.md"), "w") as f:

@@ -35,11 +35,15 @@ ENTRY %main (w: bf16[32,64,64], x: bf16[128,64], cache: bf16[1024,64], row: bf16
   %cache = bf16[1024,64]{1,0} parameter(2)
   %row = bf16[8,64]{1,0} parameter(3)
   %i = s32[] parameter(4)
-  %ag = (bf16[128,64]{1,0}, bf16[1024,64]{1,0}) all-gather-start(%x), replica_groups=[1,8]<=[8], dimensions={0}, metadata={op_name="jit(step)/llm/all-gather"}
+  %ag = (bf16[128,64]{1,0}, bf16[1024,64]{1,0}) all-gather-start(%x), replica_groups=[1,8]<=[8], dimensions={0}, \
+metadata={op_name="jit(step)/llm/all-gather"}
   %layer = bf16[64,64]{1,0} fusion(%w, %i), kind=kLoop, calls=%fused_slice, metadata={op_name="jit(step)/llm/layers/slice"}
-  %mm = (bf16[128,64]{1,0}, s8[1024]{0}) custom-call(%x, %layer), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/transpose(jvp(llm))/llm/q_proj/dot_general"}, backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"]}}}
+  %mm = (bf16[128,64]{1,0}, s8[1024]{0}) custom-call(%x, %layer), custom_call_target="__cublas$lt$matmul", \
+metadata={op_name="jit(step)/transpose(jvp(llm))/llm/q_proj/dot_general"}, \
+backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"]}}}
   %agd = bf16[1024,64]{1,0} all-gather-done(%ag)
-  %up = bf16[1024,64]{1,0} fusion(%cache, %row, %i), kind=kLoop, calls=%fused_update, metadata={op_name="jit(step)/optimizer/update"}
+  %up = bf16[1024,64]{1,0} fusion(%cache, %row, %i), kind=kLoop, calls=%fused_update, \
+metadata={op_name="jit(step)/optimizer/update"}
   ROOT %out = bf16[128,64]{1,0} get-tuple-element(%mm), index=0
 }
 """
