@@ -184,3 +184,27 @@ def test_tpu_flop_count_agrees_with_the_model_on_the_tiny_step(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert 1.0 <= r["flops"]["executed"] / r["flops"]["model"] <= 1.2, r["flops"]
+
+
+@needs_libtpu
+def test_tpu_meshes_follow_the_chips_and_put_slices_on_the_data_axis():
+    import subprocess as sp
+    code = """
+import os
+os.environ["JAX_PLATFORMS"] = "cpu"; os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+from exo2ego_jax.bench.aot import target_devices
+from exo2ego_jax.bench.targets import parse_target
+from exo2ego_jax.sharding import create_mesh
+target, topology = parse_target("v5p-8", "2x1x4")
+devices = target_devices(target, topology)
+mesh = create_mesh((1, -1, 1), devices)
+slices = [[d.slice_index for d in row.flat] for row in mesh.devices]
+print(dict(mesh.shape), slices)
+assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}, mesh.shape
+assert all(len(set(row)) == 1 for row in slices) and slices[0][0] != slices[1][0]
+one = create_mesh((1, -1, 2), target_devices(target, parse_target("v5p-8", None)[1]))
+assert dict(one.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
+"""
+    proc = sp.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                  env={**os.environ, "XLA_FLAGS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -45,7 +45,8 @@ def parser(stage_file: str) -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar")
     p.add_argument("--noprogress", dest="progress", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--distributed", action="store_true",
-                   help="jax.distributed.initialize() from the cluster environment (SLURM, Open MPI, Kubernetes)")
+                   help="jax.distributed.initialize() from the cluster environment (SLURM, Open MPI, Kubernetes, "
+                        "Cloud TPU)")
     p.add_argument("--coordinator_address", metavar="HOST:PORT", help="process 0's address for jax.distributed")
     p.add_argument("--num_processes", type=int, help="number of processes (with --coordinator_address)")
     p.add_argument("--process_id", type=int, help="this process's index (with --coordinator_address)")
