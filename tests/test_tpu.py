@@ -208,3 +208,16 @@ assert dict(one.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
     proc = sp.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
                   env={**os.environ, "XLA_FLAGS": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("stage_file", ["stage0", "stage1", "stage2", "stage3"])
+def test_7b_presets_split_their_batch_on_the_tpu_slices(stage_file):
+    """The paper's global batches stay on v5p-64, v6e-64 and v5e-256 (tensor-parallel v5e/v6e: 4 chips a row)."""
+    for generation, chips in (("v5p", 32), ("v6e", 64), ("v5e", 256), ("v5e", 8)):
+        c = stage_config(stage_file, "7b")
+        run = resolve_for_compile(c, Hardware("tpu", generation))
+        data_parallel = chips // c.mesh.shape[2]
+        micro = run.microbatches(data_parallel)
+        assert micro * c.per_device_batch * data_parallel == c.batch_size, (generation, chips)
+        assert run.model.llm.attention_impl == "splash" and run.model.clip.attention_impl == "splash"
+        assert c.model.scan_layers is True
