@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import os
 import subprocess
@@ -99,6 +100,39 @@ def run_entry(e: Entry, out: str) -> dict | None:
         return json.load(f)
 
 
+def reestimate(e: Entry, out: str, r: dict | None) -> dict | None:
+    """Recompute an entry's per-kernel estimate from its saved module with this commit's estimator (no compile);
+    the JSON records the commit the estimate came from as `estimate_commit`."""
+    path = os.path.join(out, f"{e.name}.hlo.gz")
+    if r is None or not r.get("fits") or not os.path.exists(path):
+        return r
+    from exo2ego_jax.bench.estimate import estimate
+    from exo2ego_jax.bench.targets import parse_target
+    target, topology = parse_target(e.target, e.topology or None)
+    with gzip.open(path, "rt") as f:
+        text = f.read()
+    n = r["devices"]
+    per_host = n // topology.slices if target.platform == "tpu" else topology.per_host
+    useful = r["flops"]["model"]
+    est = estimate(text, target, num_devices=n, useful_flops=useful, host_of=lambda i: i // per_host,
+                   num_slices=topology.slices)
+    keep = ("step_s", "mfu", "exposed_collectives_s", "compute_s", "memory_bound_s", "collectives_s", "launch_s",
+            "kernels", "kernel_runs", "by_part", "assumptions")
+    r["estimate"] = {k: est[k] for k in keep}
+    step = est["step_s"]
+    if "program" in r:
+        r["estimate"]["tokens_per_s"] = r["tokens"] / step
+        if "weight_read_bound" in r:
+            r["weight_read_bound"]["estimate_share"] = r["weight_read_bound"]["step_s"] / step
+    else:
+        r["estimate"]["clips_per_s"] = r["batch_size"] / step
+        r["estimate"]["tokens_per_s"] = r["llm_tokens_per_step"] / n / step
+    r["estimate_commit"] = commit()
+    with open(os.path.join(out, f"{e.name}.json"), "w") as f:
+        json.dump(r, f, indent=1, default=str)
+    return r
+
+
 def tpu_row(e: Entry, r: dict | None) -> str:
     first = f"| {e.name} | {e.stage_file} | {e.target} {e.topology or ''}".rstrip() + " | "
     if r is None:
@@ -162,6 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=absolute, required=True, help="folder for the reports (reused: finished entries are kept)")
     p.add_argument("--only", default="", help="comma-separated entry names")
     p.add_argument("--list", action="store_true", help="print the entries and exit")
+    p.add_argument("--reestimate", action="store_true",
+                   help="recompute finished entries' estimates from their saved modules with this commit's code")
     p.add_argument("--kind", choices=("presets", "choices", "tpu", "serving", "gpu"),
                    help="only these entries (gpu: presets and choices)")
     a = p.parse_args(argv)
@@ -181,6 +217,8 @@ def main(argv=None) -> int:
         return 0
     os.makedirs(a.out, exist_ok=True)
     results = {e.name: run_entry(e, a.out) for e in entries}
+    if a.reestimate:
+        results = {e.name: reestimate(e, a.out, results[e.name]) for e in entries}
     columns = ("stage | target | clips per GPU x microbatches | GiB per GPU (of usable) | headroom | "
                "executed / model FLOPs | collective GB per GPU per step | collectives / compute s at peak | "
                "bound clips/s | estimated s/step (MFU) | memory-bound / exposed collectives s | compile s | "

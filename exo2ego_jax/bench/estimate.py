@@ -49,6 +49,7 @@ _VECTOR_FREE = _NOT_KERNELS | {"reshape", "broadcast", "slice", "dynamic-slice",
                                "transpose", "copy", "convert", "dynamic-update-slice", "gather", "select",
                                "reverse", "dot", "convolution", "custom-call", "fusion"}
 _SLICING = {"dynamic-slice", "slice", "gather"}
+_VIEWS = {"bitcast", "reshape"}
 _SKIPPED_CALLS = ("AllocateBuffer", "AssumeGatherIndicesInBound", "GatherScatterIndicesBitpacked")
 
 
@@ -125,42 +126,78 @@ class Estimator:
             return 2.0 * hlo.nbytes(results)
         if ins.opcode != "fusion":
             return hlo.nbytes([s for shapes in operands for s in shapes]) + hlo.nbytes(results)
-        body = self._body(_callee(ins))
-        params = {}
-        for inner in body:
+        return self._fusion_bytes(ins, operands, results)
+
+    def _fusion_bytes(self, ins: hlo.Instruction, operands: list, results: list) -> float:
+        """A fusion's device-memory traffic. A parameter reached only through slices (also inside nested fusions)
+        is read slice by slice; one updated in place (dynamic-update-slice on it, the output aliasing it) is not
+        read, and only the update is written. Bitcasts and reshapes in between are views, not copies."""
+        name = _callee(ins)
+        body = self._body(name)
+        by_name = {i.name: i for i in body}
+        root = next((i for i in body if i.text.lstrip().startswith("ROOT")), None)
+        outputs = list(root.operands) if root is not None and root.opcode == "tuple" else ([root.name] if root else [])
+        params = self._params(name)
+        in_place, written = set(), 0.0
+        per_output = [[r] for r in results] if len(outputs) == len(results) else [results]
+        for out_name, out_shapes in zip(outputs, per_output):
+            update = by_name.get(self._source(by_name, out_name))
+            if update is not None and update.opcode == "dynamic-update-slice" and \
+                    self._source(by_name, update.operands[0]) in params:
+                in_place.add(self._source(by_name, update.operands[0]))
+                written += hlo.nbytes(self.module.symbols.get(update.operands[1], []))
+            else:
+                written += hlo.nbytes(out_shapes)
+        read = 0.0
+        for pname, index in params.items():
+            if pname not in in_place:
+                full = hlo.nbytes(operands[index]) if index < len(operands) else 0.0
+                read += min(full, self._read(name, pname, full))
+        return read + written
+
+    def _params(self, computation: str) -> dict[str, int]:
+        out = {}
+        for inner in self._body(computation):
             if inner.opcode == "parameter":
                 m = re.search(r"parameter\((\d+)\)", inner.text)
                 if m:
-                    params[inner.name] = int(m.group(1))
+                    out[inner.name] = int(m.group(1))
+        return out
+
+    @staticmethod
+    def _source(by_name: dict, name: str) -> str:
+        """A value seen through views (bitcast, reshape)."""
+        while name in by_name and by_name[name].opcode in _VIEWS and by_name[name].operands:
+            name = by_name[name].operands[0]
+        return name
+
+    def _read(self, computation: str, param: str, full: float) -> float:
+        """Bytes a fused computation reads of its parameter: the slices it takes when slices are all it takes
+        (following views and nested fusions), else the whole parameter."""
+        body = self._body(computation)
         users = collections.defaultdict(list)
         for inner in body:
             for o in inner.operands:
                 users[o].append(inner)
-        read = 0.0
-        in_place = set()
-        root = next((i for i in body if i.text.lstrip().startswith("ROOT")), None)
-        updates = [root] if root is not None and root.opcode == "dynamic-update-slice" else []
-        if root is not None and root.opcode == "tuple":
-            by_name = {i.name: i for i in body}
-            updates = [by_name[o] for o in root.operands if o in by_name and by_name[o].opcode == "dynamic-update-slice"]
-        for update in updates:
-            if update.operands and update.operands[0] in params:
-                in_place.add(update.operands[0])
-        for pname, index in params.items():
-            shapes = operands[index] if index < len(operands) else []
-            if pname in in_place:
-                continue
-            consumers = users.get(pname, [])
-            if consumers and all(c.opcode in _SLICING and c.operands[0] == pname for c in consumers):
-                read += sum(hlo.nbytes(c.result) for c in consumers)
-            else:
-                read += hlo.nbytes(shapes)
-        written = hlo.nbytes(results)
-        for update in updates:
-            if update.operands and update.operands[0] in in_place:
-                written -= hlo.nbytes(update.result)
-                written += hlo.nbytes(self.module.symbols.get(update.operands[1], [])) if len(update.operands) > 1 else 0
-        return read + max(written, 0.0)
+        total, todo = 0.0, [param]
+        while todo:
+            current = todo.pop()
+            for u in users.get(current, []):
+                if u.opcode in _VIEWS:
+                    todo.append(u.name)
+                elif u.opcode in _SLICING and u.operands[0] == current:
+                    total += hlo.nbytes(u.result)
+                elif u.opcode == "dynamic-update-slice" and u.operands[0] == current:
+                    continue  # updated in place
+                elif u.opcode == "fusion":
+                    nested = _callee(u)
+                    nested_params = {i: n for n, i in self._params(nested).items()}
+                    for position, operand in enumerate(u.operands):
+                        if operand == current and position in nested_params:
+                            total += self._read(nested, nested_params[position], full)
+                else:
+                    return full
+        return total
 
     def _collective(self, ins: hlo.Instruction) -> tuple[str, float, bool] | None:
         """(kind, bytes sent, over the slow link) of a collective instruction, else None."""

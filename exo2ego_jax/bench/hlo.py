@@ -200,7 +200,7 @@ def parse_module(text: str) -> Module:
         op = re.match(r"\s*([\w\-$]+)\(", tail)
         if not op:
             continue
-        opcode, args = op.group(1), tail[op.end():]
+        opcode, args = op.group(1), re.sub(r"/\*.*?\*/", "", tail[op.end():])  # drop /*index=5*/ comments
         end = _matching_paren(args)
         operands = [piece.split()[-1].lstrip("%") for piece in _top_level_split(args[:end]) if piece.strip()]
         ins = Instruction(name, current, shapes_in(result_text), opcode, operands, line)
