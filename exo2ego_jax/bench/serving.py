@@ -188,7 +188,8 @@ def report_program(p: ServingProgram, run: Run, target, topology, shapes: Servin
     usable = usable_bytes(target)
     head = dict(program=p.name, stage=c.stage, preset=c.preset, target=target.describe(), topology=str(topology),
                 devices=n, batch=shapes.batch, prompt_tokens=shapes.prompt_tokens, new_tokens=shapes.new_tokens,
-                cache_length=p.cache_length, tokens=p.tokens, attention=run.model.llm.attention_impl, hbm_bytes=target.hbm_bytes,
+                cache_length=p.cache_length, tokens=p.tokens, attention=run.model.llm.attention_impl,
+                hbm_bytes=target.hbm_bytes,
                 usable_bytes=usable, kv_cache_bytes=p.kv_cache_bytes, weight_bytes=p.weight_bytes,
                 compile_s=p.compile_s, jax=jax.__version__)
     if p.executable is None:
