@@ -99,12 +99,16 @@ def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.hardware = empty_hardware_section()
     if preset == "7b":
         # TPUs: scanned layers (XLA's TPU compile of 32 unrolled Mistral layers passes 17 GB of host memory;
-        # scanned, about 7 GB). v5e and v6e chips (15.75 / 31.25 GiB): the activations of one clip do not fit
-        # beside the model at dots_no_batch remat (stage 3 needs 35 GiB of temporaries per clip on v5p), and a
-        # stronger remat policy would recompute past 1.3x the useful FLOPs; 4-way tensor parallelism over ICI
-        # splits them instead, with the frozen weights sharded too (launch/BENCHMARKS.md, TPU tables).
+        # scanned, about 7 GB). v5e chips (15.75 GiB) and stage 3 on v6e chips (31.25 GiB): one clip's
+        # activations do not fit beside the model at dots_no_batch remat (stage 3 needs 35 GiB of temporaries per
+        # clip on v5p), and a stronger remat policy would recompute past 1.3x the useful FLOPs; 4-way tensor
+        # parallelism over ICI splits them, with the frozen weights sharded too. Stages 0-2 on v6e fit one clip
+        # per chip without it, and the estimate finds tensor parallelism's per-layer collectives and partial-sum
+        # passes costly there (launch/BENCHMARKS.md, TPU tables).
+        tensor_parallel = (("mesh.shape", (1, -1, 4)), ("sharding.frozen", "fsdp"))
         c.hardware.tpu = (("model.scan_layers", True),)
-        c.hardware.v5e = c.hardware.v6e = (("mesh.shape", (1, -1, 4)), ("sharding.frozen", "fsdp"))
+        c.hardware.v5e = tensor_parallel
+        c.hardware.v6e = tensor_parallel if stage == "stage3" else (("per_device_batch", 1), ("sharding.frozen", "fsdp"))
 
     c.optim = ml_collections.ConfigDict(dict(learning_rate=1e-4, warmup_ratio=0.03, schedule="cosine",
                                              b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0,

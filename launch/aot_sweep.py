@@ -71,6 +71,9 @@ ENTRIES = [
           "8 clips per chip: past a v5e chip's HBM"),
 ]
 ENTRIES += [
+    *(Entry(f"s{i}_v6e-64_tp4", f"stage{i}", "v6e-64", "", ("--config.mesh.shape=(1,-1,4)",
+                                                            "--config.per_device_batch=2"), "tpu_choices",
+            "4-way tensor parallelism, 2 clips per row (stage 3's v6e setting)") for i in (0, 1, 2)),
     Entry("prefill_h100", "stage3", "h100", "1x1x1", ("--program", "prefill"), "serving",
           "one clip (x and F(x): 3,042 visual tokens) + 64 prompt tokens"),
     Entry("decode_b1_h100", "stage3", "h100", "1x1x1", ("--program", "decode", "--batch", "1"), "serving",
@@ -80,7 +83,7 @@ ENTRIES += [
     Entry("score_h100", "stage3", "h100", "1x1x1", ("--program", "score"), "serving",
           "16 (clip, prompt + option) rows: the evaluation's chunk"),
 ]
-TPU_KINDS = ("tpu", "tpu_limits")
+TPU_KINDS = ("tpu", "tpu_limits", "tpu_choices")
 
 
 def run_entry(e: Entry, out: str) -> dict | None:
@@ -134,14 +137,15 @@ def reestimate(e: Entry, out: str, r: dict | None) -> dict | None:
 
 
 def tpu_row(e: Entry, r: dict | None) -> str:
-    first = f"| {e.name} | {e.stage_file} | {e.target} {e.topology or ''}".rstrip() + " | "
+    note = f"{e.note} | " if e.kind == "tpu_choices" else ""
+    first = f"| {e.name} | {note}{e.stage_file} | {e.target} {e.topology or ''}".rstrip() + " | "
     if r is None:
-        return first + f"failed (see {e.name}.log) |" + " |" * 9
+        return first + f"failed (see {e.name}.log) |" + " |" * 10
     if r.get("out_of_memory"):
         oom = r["out_of_memory"]
         need = f"{oom['required_bytes'] / GiB:.1f}" if oom["required_bytes"] else "?"
         return (first + f"{r['per_device_batch']} x {r['microbatches']} | does not fit: the compiler needs {need} "
-                f"of {(oom['available_bytes'] or r['hbm_bytes']) / GiB:.2f} GiB |" + " |" * 7
+                f"of {(oom['available_bytes'] or r['hbm_bytes']) / GiB:.2f} GiB |" + " |" * 8
                 + f" {r.get('commit', 'not recorded')} |")
     links = r.get("collective_bytes", {})
     b = r["bound"]
@@ -150,7 +154,7 @@ def tpu_row(e: Entry, r: dict | None) -> str:
             f"{r['usable_bytes'] / GiB:.2f} | {100 * r['headroom']:.0f}% | {r['recompute_ratio']:.2f} | "
             f"{links.get('ICI', 0) / 1e9:.1f} / {links.get('DCN', 0) / 1e9:.2f} | "
             f"{b['comm_s']:.3f} / {b['compute_s']:.3f} | {b['clips_per_s']:.1f} / {per_chip:.2f} | "
-            f"{r['compile_s']:.0f} | {r.get('commit', 'not recorded')} |")
+            f"{estimated(r).split(' | ')[0]} | {r['compile_s']:.0f} | {r.get('commit', 'not recorded')} |")
 
 
 def serving_row(e: Entry, r: dict | None) -> str:
@@ -230,14 +234,16 @@ def main(argv=None) -> int:
     lines = [f"Table written at commit {commit()} on {machine()}, {time.strftime('%Y-%m-%d')}.", ""]
     tpu_columns = ("stage | slice | clips per chip x microbatches | GiB per chip (of HBM) | headroom | "
                    "executed / model FLOPs | collective GB per chip per step (ICI / DCN) | collectives / compute s "
-                   "at peak | bound clips/s per slice / per chip | compile s | compiled at commit |")
+                   "at peak | bound clips/s per slice / per chip | estimated s/step (MFU) | compile s | "
+                   "compiled at commit |")
     for kind, title in (("presets", "The 7b presets"), ("choices", "One preset choice undone (H100, 1x1x8)"),
                         ("tpu", "The 7b presets on Cloud TPU slices"),
                         ("tpu_limits", "Stage 3 on one v5e host"),
+                        ("tpu_choices", "One TPU preset choice undone (v6e-64)"),
                         ("serving", "Serving the stage-3 model on one H100")):
         chosen = [e for e in entries if e.kind == kind]
         if chosen:
-            head = "| entry | " + ("change from the preset | " if kind == "choices" else "") + (
+            head = "| entry | " + ("change from the preset | " if kind in ("choices", "tpu_choices") else "") + (
                 tpu_columns if kind in TPU_KINDS else "program | " + serving_columns if kind == "serving"
                 else columns)
             lines += [f"### {title}", "", head, "|---" * (head.count(" | ") + 1) + "|"]
