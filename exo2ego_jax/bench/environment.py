@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
+from exo2ego_jax.bench.targets import Topology  # imports no JAX
+
 
 def flag_value(argv, flag: str, default: str | None) -> str | None:
     """A flag's value from the raw command line (`--flag=value` or `--flag value`)."""
@@ -24,7 +26,6 @@ def prepare_for_target(target: str | None, topology: str | None) -> None:
     """Set the environment for compiling for `target` (None: run on this machine's devices, change nothing)."""
     if target is None:
         return
-    from exo2ego_jax.bench.targets import Topology  # no JAX import there
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     flags = os.environ.get("XLA_FLAGS", "")

@@ -29,7 +29,7 @@ import dataclasses
 import re
 
 from exo2ego_jax.bench import hlo
-from exo2ego_jax.bench.parts import OTHER, PARTS, part_of, phase_of
+from exo2ego_jax.bench.parts import LABELS, OTHER, PARTS, part_of, phase_of
 from exo2ego_jax.bench.targets import Target
 
 # What fraction of a peak a kernel sustains (assumptions; README "How the estimate reads a program"):
@@ -329,7 +329,6 @@ def estimate(text: str, target: Target, *, num_devices: int, useful_flops: float
 
 def part_rows(by_part: dict, step_s: float, measured: dict | None = None) -> list[dict]:
     """Table rows of an estimate's parts (and a measured profile's seconds per part, when given)."""
-    from exo2ego_jax.bench.parts import LABELS
     rows = []
     for part, v in by_part.items():
         if not v["est_s"] and not (measured or {}).get(part):

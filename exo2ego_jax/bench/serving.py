@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from exo2ego_jax.bench import estimate as estimate_lib
+from exo2ego_jax.bench import hlo
+from exo2ego_jax.bench.aot import _forward_flops, _memory, out_of_memory, usable_bytes
 from exo2ego_jax.models import registry
 from exo2ego_jax.models.exo2ego import Exo2Ego
 from exo2ego_jax.models.mistral import MistralForCausalLM, init_cache
@@ -122,7 +125,6 @@ def _nbytes(tree, devices: int) -> int:
 
 def compile_program(run: Run, devices: list, program: str, shapes: ServingShapes) -> ServingProgram:
     """Lower and compile one serving program for `devices` (the batch over the mesh's data axes)."""
-    from exo2ego_jax.bench.aot import _forward_flops, out_of_memory
     c, cfg = run.config, run.model
     mesh = make_mesh(c, devices)
     module = served_module(run)
@@ -180,9 +182,6 @@ def compile_program(run: Run, devices: list, program: str, shapes: ServingShapes
 
 def report_program(p: ServingProgram, run: Run, target, topology, shapes: ServingShapes) -> dict:
     """The figures of a compiled serving program (per device), as `aot.report` gives them for a train step."""
-    from exo2ego_jax.bench import estimate as estimate_lib
-    from exo2ego_jax.bench import hlo
-    from exo2ego_jax.bench.aot import _memory, usable_bytes
     c = run.config
     n = p.mesh.devices.size
     usable = usable_bytes(target)

@@ -9,6 +9,7 @@ import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from exo2ego_jax.errors import check_choice
+from exo2ego_jax.models.splash import splash_attention
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 
@@ -64,7 +65,6 @@ def dot_product_attention(query, key, value, *, impl: str, mask=None, is_causal:
     if impl == "splash":
         if mask is not None or kv_lengths is not None:
             raise ValueError("attention_impl='splash' takes segment_ids/is_causal/local_window, not a mask")
-        from exo2ego_jax.models.splash import splash_attention
         return splash_attention(query, key, value, is_causal=is_causal, segment_ids=segment_ids,
                                 local_window=local_window)
     if impl == "cudnn":
