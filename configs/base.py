@@ -105,9 +105,10 @@ def get_base_config(stage: str, preset: str) -> ml_collections.ConfigDict:
         # parallelism over ICI splits them, with the frozen weights sharded too. Stages 0-2 on v6e fit one clip
         # per chip without it, and the estimate finds tensor parallelism's per-layer collectives and partial-sum
         # passes costly there (launch/BENCHMARKS.md, TPU tables).
+        # v5e: 8-way (4-way leaves stage 3 at 15.4 of 15.75 GiB on v5e-256).
         tensor_parallel = (("mesh.shape", (1, -1, 4)), ("sharding.frozen", "fsdp"))
         c.hardware.tpu = (("model.scan_layers", True),)
-        c.hardware.v5e = tensor_parallel
+        c.hardware.v5e = (("mesh.shape", (1, -1, 8)), ("sharding.frozen", "fsdp"))
         c.hardware.v6e = tensor_parallel if stage == "stage3" else (("per_device_batch", 1), ("sharding.frozen", "fsdp"))
 
     c.optim = ml_collections.ConfigDict(dict(learning_rate=1e-4, warmup_ratio=0.03, schedule="cosine",

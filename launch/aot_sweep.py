@@ -74,6 +74,8 @@ ENTRIES += [
     *(Entry(f"s{i}_v6e-64_tp4", f"stage{i}", "v6e-64", "", ("--config.mesh.shape=(1,-1,4)",
                                                             "--config.per_device_batch=2"), "tpu_choices",
             "4-way tensor parallelism, 2 clips per row (stage 3's v6e setting)") for i in (0, 1, 2)),
+    Entry("s3_v5e-256_tp4", "stage3", "v5e-256", "", ("--config.mesh.shape=(1,-1,4)",), "tpu_choices",
+          "4-way tensor parallelism (v6e's stage-3 setting)"),
     Entry("prefill_h100", "stage3", "h100", "1x1x1", ("--program", "prefill"), "serving",
           "one clip (x and F(x): 3,042 visual tokens) + 64 prompt tokens"),
     Entry("decode_b1_h100", "stage3", "h100", "1x1x1", ("--program", "decode", "--batch", "1"), "serving",
@@ -239,7 +241,7 @@ def main(argv=None) -> int:
     for kind, title in (("presets", "The 7b presets"), ("choices", "One preset choice undone (H100, 1x1x8)"),
                         ("tpu", "The 7b presets on Cloud TPU slices"),
                         ("tpu_limits", "Stage 3 on one v5e host"),
-                        ("tpu_choices", "One TPU preset choice undone (v6e-64)"),
+                        ("tpu_choices", "One TPU preset choice undone"),
                         ("serving", "Serving the stage-3 model on one H100")):
         chosen = [e for e in entries if e.kind == kind]
         if chosen:
