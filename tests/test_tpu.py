@@ -221,3 +221,13 @@ def test_7b_presets_split_their_batch_on_the_tpu_slices(stage_file):
         assert micro * c.per_device_batch * data_parallel == c.batch_size, (generation, chips)
         assert run.model.llm.attention_impl == "splash" and run.model.clip.attention_impl == "splash"
         assert c.model.scan_layers is True
+
+
+@needs_libtpu
+def test_cudnn_on_a_tpu_target_is_refused_at_start_up():
+    proc = subprocess.run([sys.executable, TOOL, "--config", f"{ROOT}/configs/stage3.py:7b", "--target", "v5p-64",
+                           "--config.model.attention_impl=cudnn"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "XLA_FLAGS": ""})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "'cudnn' cannot run on tpu v5p" in errors[0] and "attention_impl=auto" in errors[0]
