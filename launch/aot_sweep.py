@@ -166,7 +166,8 @@ def serving_row(e: Entry, r: dict | None) -> str:
     est = r["estimate"]
     bound = r.get("weight_read_bound")
     versus = f"{bound['tokens_per_s']:.0f} ({100 * bound['estimate_share']:.0f}%)" if bound else "-"
-    return (first + f"{r['memory']['total'] / GiB:.1f} | {r['kv_cache_bytes'] / GiB:.2f} | "
+    kv = "-" if r["program"] == "score" else f"{r['kv_cache_bytes'] / GiB:.2f}"  # scoring keeps no KV cache
+    return (first + f"{r['memory']['total'] / GiB:.1f} | {kv} | "
             f"{est['step_s'] * 1e3:.2f} | {est['tokens_per_s']:.0f} | {versus} | "
             f"{est['memory_bound_s'] / est['step_s']:.0%} | {est['launch_s'] * 1e3:.2f} | "
             f"{r.get('commit', 'not recorded')} |")

@@ -175,7 +175,8 @@ def compile_program(run: Run, devices: list, program: str, shapes: ServingShapes
     strip = lambda tree: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), tree)
     plain = _forward_flops(plain_fn, *[strip(a) for a in args]) if executable is not None else 0.0
     n = mesh.devices.size
-    return ServingProgram(program, module, mesh, executable, plain / n, _nbytes(dict(k=cache["k"], v=cache["v"]), n),
+    kv_bytes = _nbytes(dict(k=cache["k"], v=cache["v"]), n) if program in ("prefill", "decode") else 0  # score: none
+    return ServingProgram(program, module, mesh, executable, plain / n, kv_bytes,
                           _nbytes(weights["llm"] if program == "decode" else weights, n), tokens, cache_length,
                           compile_s, oom)
 
