@@ -175,15 +175,19 @@ def test_tiny_stage3_compiles_for_a_v5p_slice_with_splash_attention(tmp_path):
 @needs_libtpu
 @pytest.mark.slow
 def test_tpu_flop_count_agrees_with_the_model_on_the_tiny_step(tmp_path):
-    """XLA attention (no padding to kernel blocks): executed FLOPs read from the TPU module are the model's
-    within 20% (the rest: non-causal score matrices)."""
-    out = tmp_path / "tiny.json"
-    proc = subprocess.run([sys.executable, TOOL, "--config", f"{ROOT}/configs/stage3.py:tiny", "--target", "v5p",
-                           "--topology", "1x1x4", "--json", str(out)],
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "XLA_FLAGS": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(out.read_text())
-    assert 1.0 <= r["flops"]["executed"] / r["flops"]["model"] <= 1.2, r["flops"]
+    """The FLOPs read from the TPU module equal those of the same step compiled for CPU devices (plain dots and
+    convolutions: no folding, no loop bounds to infer) within 1%, and sit 0-25% above the model's useful FLOPs:
+    XLA attention computes every score, the masked half included, which the useful count leaves out."""
+    def compiled(target, topology):
+        out = tmp_path / f"{target}.json"
+        proc = subprocess.run([sys.executable, TOOL, "--config", f"{ROOT}/configs/stage3.py:tiny", "--target", target,
+                               "--topology", topology, "--json", str(out)],
+                              capture_output=True, text=True, timeout=900, env={**os.environ, "XLA_FLAGS": ""})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(out.read_text())["flops"]
+    tpu, cpu = compiled("v5p", "1x1x4"), compiled("cpu", "1x1x4")
+    assert tpu["executed"] == pytest.approx(cpu["executed"], rel=0.01), (tpu, cpu)
+    assert 1.0 <= tpu["executed"] / tpu["model"] <= 1.25, tpu
 
 
 @needs_libtpu
