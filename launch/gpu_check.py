@@ -213,45 +213,39 @@ def print_summary(record: dict) -> None:
     print(f"gpu_check ({record['size']}) at {record['commit']} on {record['machine']}")
     print("| part | status | measured | estimate | measured / estimate |")
     print("|---|---|---|---|---|")
-    parts = record["parts"]
-    for name in ("stage3", "lora"):
-        v = parts.get(name)
-        if v is None:
+    for label, v, cells in summary_rows(record["parts"]):
+        if v is None:  # not among the parts run
             continue
-        m = v.get("measured") or {}
+        print(f"| {label} | {v['status']} | " + (" | ".join(cells) if cells else "- | - | -") + " |")
+
+
+def summary_rows(parts: dict):
+    """(label, part record, [measured, estimate, ratio] or None when the part has no figures) per part run."""
+    def measured(name):
+        return (parts.get(name) or {}).get("measured") or {}
+
+    for name in ("stage3", "lora"):
+        m = measured(name)
+        cells = None
         if m.get("step_s") and m.get("est_step_s"):
             extra = f", {m['clips_per_s']:.2f} clips/s" if "clips_per_s" in m else ""
             mfu = f", MFU {100 * m['mfu']:.1f}%" if m.get("mfu") else ""
-            print(f"| {name} | {v['status']} | {m['step_s']:.3f} s/step{extra}{mfu}, peak "
-                  f"{m.get('peak_gb') or 0:.1f} GB | {m['est_step_s']:.3f} s/step ({m['est_target']}) | "
-                  f"{m['step_s'] / m['est_step_s']:.2f} |")
-        else:
-            print(f"| {name} | {v['status']} | - | - | - |")
-    v = parts.get("cycle")
-    if v is not None:
-        m = v.get("measured") or {}
-        est = (m.get("estimate") or {}).get("step_s")
-        if m.get("step_time_s") and est:
-            print(f"| cycle | {v['status']} | {m['step_time_s']:.3f} s/step | {est:.3f} s/step | "
-                  f"{m['step_time_s'] / est:.2f} |")
-        else:
-            print(f"| cycle | {v['status']} | - | - | - |")
-    v = parts.get("decode")
-    if v is not None:
-        m, e = v.get("measured") or {}, ((v.get("estimate") or {}).get("estimate") or {})
-        if m.get("ms_per_token") and e.get("step_s"):
-            print(f"| decode B1 | {v['status']} | {1e3 / m['ms_per_token']:.0f} tokens/s | {1 / e['step_s']:.0f} "
-                  f"tokens/s | {m['ms_per_token'] / 1e3 / e['step_s']:.2f} |")
-        else:
-            print(f"| decode B1 | {v['status']} | - | - | - |")
-    v = parts.get("torch")
-    if v is not None:
-        m = v.get("measured") or {}
-        jax_lora = (parts.get("lora") or {}).get("measured") or {}
-        ratio = (f"JAX / PyTorch tokens/s {jax_lora['tokens_per_s'] / m['tokens_per_s']:.2f}"
-                 if m.get("tokens_per_s") and jax_lora.get("tokens_per_s") else "-")
-        measured = f"{m['tokens_per_s']:.0f} tokens/s (PyTorch {m.get('torch')})" if m.get("tokens_per_s") else "-"
-        print(f"| torch LoRA | {v['status']} | {measured} | - | {ratio} |")
+            cells = [f"{m['step_s']:.3f} s/step{extra}{mfu}, peak {m.get('peak_gb') or 0:.1f} GB",
+                     f"{m['est_step_s']:.3f} s/step ({m['est_target']})", f"{m['step_s'] / m['est_step_s']:.2f}"]
+        yield name, parts.get(name), cells
+    m = measured("cycle")
+    est = (m.get("estimate") or {}).get("step_s")
+    yield "cycle", parts.get("cycle"), ([f"{m['step_time_s']:.3f} s/step", f"{est:.3f} s/step",
+                                         f"{m['step_time_s'] / est:.2f}"] if m.get("step_time_s") and est else None)
+    m, e = measured("decode"), (((parts.get("decode") or {}).get("estimate") or {}).get("estimate") or {})
+    yield "decode B1", parts.get("decode"), (
+        [f"{1e3 / m['ms_per_token']:.0f} tokens/s", f"{1 / e['step_s']:.0f} tokens/s",
+         f"{m['ms_per_token'] / 1e3 / e['step_s']:.2f}"] if m.get("ms_per_token") and e.get("step_s") else None)
+    m, jax_lora = measured("torch"), measured("lora")
+    ratio = (f"JAX / PyTorch tokens/s {jax_lora['tokens_per_s'] / m['tokens_per_s']:.2f}"
+             if m.get("tokens_per_s") and jax_lora.get("tokens_per_s") else "-")
+    yield "torch LoRA", parts.get("torch"), ([f"{m['tokens_per_s']:.0f} tokens/s (PyTorch {m.get('torch')})", "-",
+                                              ratio] if m.get("tokens_per_s") else None)
 
 
 if __name__ == "__main__":
