@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
 
 import jax
@@ -97,3 +98,24 @@ class WorkerErrorFilter(logging.Filter):
             return False
         failure = record.exc_info[1] if record.exc_info else None
         return storage_problem(failure) is None and storage_problem(Exception(message)) is None
+
+
+def drop_closed_loop_callbacks() -> None:
+    """Silence TensorStore's reports of a write finishing after Orbax closed its event loop.
+
+    When one checkpoint write fails (a full disk), Orbax stops its asyncio loop while the other TensorStore
+    writes are still running; each one that finishes later tries `loop.call_soon_threadsafe`, and TensorStore's
+    C++ thread reports the resulting `RuntimeError('Event loop is closed')` through `sys.unraisablehook`. The
+    default hook prints a traceback from that thread at any moment, even in the middle of the one-line error the
+    CLI prints. The failure itself is raised (and reported) in the thread that waits for the save.
+    """
+    default = sys.unraisablehook
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            log.debug("a checkpoint write finished after its event loop closed (ignored)")
+            return
+        default(unraisable)
+
+    sys.unraisablehook = hook

@@ -18,7 +18,8 @@ import jax
 from exo2ego_jax import device_memory
 from exo2ego_jax.configfile import load_config_file, split_config_args
 from exo2ego_jax.errors import ConfigError, run_cli
-from exo2ego_jax.train.checkpointing import WorkerErrorFilter, last_checkpoint_note
+from exo2ego_jax.train.checkpointing import (WorkerErrorFilter, drop_closed_loop_callbacks,
+                                               last_checkpoint_note)
 from exo2ego_jax.train.loop import train
 from exo2ego_jax.paths import absolute
 
@@ -85,6 +86,7 @@ def main(stage_file: str, default_config: str, argv: list[str]) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:  # absl's and asyncio's records reach the root's handlers
         handler.addFilter(WorkerErrorFilter())
+    drop_closed_loop_callbacks()
     # On GPUs JAX grabs 75% of the memory by default; the train step needs most of it (the figures of
     # launch/aot_compile.py are against the whole device).
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
