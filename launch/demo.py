@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     started, code = time.time(), commit()  # the code that runs, whatever the checkout holds later
     work = os.path.abspath(a.workdir)
     runs = os.path.join(work, "runs")
-    env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(work, "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = study.compile_cache_env(work)
 
     print("[1/4] synthetic ego-exo dataset and tokenizer", flush=True)
     data = study.prepare_data(os.path.join(work, "data"), "demo")

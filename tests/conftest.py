@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 
+from tests.xla_flags import cpu_devices
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# 8 fake CPU devices for the sharding tests; unsharded computations still run on device 0.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# 8 fake CPU devices for the sharding tests (unsharded computations still run on device 0); cheap CPU codegen.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + cpu_devices(8)).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One persistent compilation cache for the session and the processes it launches: identical tiny programs
 # (the same stage config in several tests and subprocesses) compile once.

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from tests.xla_flags import cpu_devices
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data_fixtures as fx
@@ -262,7 +263,7 @@ def test_build_resumes_after_an_interruption(egoexo, tmp_path):
 
 
 def test_build_cli_decodes_in_parallel_and_prints_a_summary(egoexo, tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": REPO}
+    env = {**os.environ, "XLA_FLAGS": cpu_devices(1), "PYTHONPATH": REPO}
     out = subprocess.run([sys.executable, "-m", "exo2ego_jax.data.build", "ego_exo_clip", "--src", egoexo["root"],
                           "--out", str(tmp_path), "--num_frames", "4", "--store_size", "32", "--workers", "2",
                           "--no_progress"], capture_output=True, text=True, env=env, timeout=300)

@@ -5,13 +5,14 @@ import subprocess
 import sys
 
 import pytest
+from tests.xla_flags import cpu_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": cpu_devices(1), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "demo.py"), "--workdir", str(tmp_path),
                            "--scale", "0.001"], capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -11,6 +11,7 @@ import pytest
 from exo2ego_jax.bench import estimate
 from exo2ego_jax.bench.targets import TARGETS
 from tests.helpers import ROOT
+from tests.xla_flags import cpu_devices
 
 TOOL = os.path.join(ROOT, "launch", "aot_compile.py")
 
@@ -119,7 +120,7 @@ def test_profile_cycle_without_a_device_prints_the_parts(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "profile_cycle.py"), "--config",
                            f"{ROOT}/configs/stage2.py:tiny", "--target", "cpu", "--topology", "1x1x2", "--trace_dir",
                            str(tmp_path)], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "XLA_FLAGS": ""})
+                          env={**os.environ, "XLA_FLAGS": cpu_devices(1)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     for label in ("CLIP ego encoder", "mapper F", "mapper G", "cycle/KL/VTG losses", "LLM"):
         assert label in proc.stdout
@@ -132,7 +133,7 @@ def test_profile_cycle_without_a_device_prints_the_parts(tmp_path):
 def test_gpu_check_runs_end_to_end_at_tiny_sizes(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "gpu_check.py"), "--out", str(tmp_path),
                            "--size", "tiny"], capture_output=True, text=True, timeout=1500,
-                          env={**os.environ, "XLA_FLAGS": ""})
+                          env={**os.environ, "XLA_FLAGS": cpu_devices(1)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = json.loads((tmp_path / "gpu_check.json").read_text())
     parts = r["parts"]

@@ -18,6 +18,7 @@ from exo2ego_jax.data import prompts
 from exo2ego_jax.errors import ConfigError
 from exo2ego_jax.eval.runner import EvalSettings, results_table, run_benchmark
 from tests.helpers import composite_logits_and_loss
+from tests.xla_flags import cpu_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -208,7 +209,7 @@ def test_an_evaluation_output_folder_is_locked(tmp_path):
 def test_suite_cli_writes_predictions_metrics_and_the_table(bench_root, model, tmp_path):
     root, facts = bench_root
     out = str(tmp_path / "eval")
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": REPO}
+    env = {**os.environ, "XLA_FLAGS": cpu_devices(1), "PYTHONPATH": REPO}
     proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "evaluate.py"), "--config",
                            os.path.join(REPO, "configs", "eval.py") + ":all", "--checkpoint", model.path,
                            "--data_root", root, "--out", out, "--noprogress", "--config.batch_size=4"],
@@ -245,7 +246,7 @@ def test_results_table_marks_missing_avg_parts():
 @pytest.mark.slow
 def test_infer_cli_answers_a_question(model, tmp_path):
     video = fx.write_coded(str(tmp_path / "clip.mp4"), 40)
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": REPO}
+    env = {**os.environ, "XLA_FLAGS": cpu_devices(1), "PYTHONPATH": REPO}
     proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "infer.py"), "--checkpoint", model.path,
                            "--video", video, "--question", "What am I doing?", "--max_new_tokens", "5"],
                           capture_output=True, text=True, env=env, timeout=600)

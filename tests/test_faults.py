@@ -16,6 +16,7 @@ import pytest
 
 from exo2ego_jax.errors import CheckpointError, ConfigError, DataError
 from tests.helpers import ROOT, read_metrics, stage_config
+from tests.xla_flags import cpu_devices
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data_fixtures as fx
@@ -26,7 +27,7 @@ def launch(stage, workdir, *flags, wait=True):
     cmd = [sys.executable, os.path.join(ROOT, "launch", f"{stage}.py"), f"--config={ROOT}/configs/{stage}.py:tiny",
            f"--workdir={workdir}", "--noprogress", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+                            env={**os.environ, "XLA_FLAGS": cpu_devices(1), "JAX_PLATFORMS": "cpu"})
     if not wait:
         return proc
     out, err = proc.communicate(timeout=600)
@@ -121,7 +122,7 @@ def test_relative_paths_work_from_another_directory(tmp_path):
         [sys.executable, os.path.join(ROOT, "launch", f"{stage}.py"), f"--config={ROOT}/configs/{stage}.py:tiny",
          "--noprogress", "--config.num_train_steps=2", "--config.batch_size=2", "--config.data.num_examples=2",
          *flags], capture_output=True, text=True, timeout=600, cwd=cwd,
-        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+        env={**os.environ, "XLA_FLAGS": cpu_devices(1), "JAX_PLATFORMS": "cpu"})
     first = run("stage1", "--workdir", "rel_wd")
     assert first.returncode == 0, first.stderr[-3000:]
     assert (cwd / "rel_wd" / "export" / "model_config.json").exists()
@@ -197,7 +198,7 @@ def test_evaluation_skips_bad_items_and_strict_stops(tmp_path, eval_checkpoint):
     base = [sys.executable, os.path.join(ROOT, "launch", "evaluate.py"), "--config",
             f"{ROOT}/configs/eval.py:mcq_json", "--checkpoint", eval_checkpoint, "--data_root", str(root),
             "--noprogress", "--config.mcq_file=items.json"]
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = {**os.environ, "XLA_FLAGS": cpu_devices(1)}
     proc = subprocess.run(base + ["--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "mcq_json" / "metrics.json").read_text())
@@ -229,7 +230,7 @@ def test_infer_refuses_bad_windows(tmp_path, eval_checkpoint):
     for window, expected in ((["--start", "5", "--end", "2"], "must be after --start"),
                              (["--start", "0.5", "--end", "9"], "ends after the end")):
         proc = subprocess.run(base + window, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "XLA_FLAGS": ""})
+                              env={**os.environ, "XLA_FLAGS": cpu_devices(1)})
         assert proc.returncode == 2 and expected in one_error_line(proc.stderr)
 
 
@@ -327,7 +328,7 @@ def test_config_mistakes_are_one_line_errors(tmp_path):
              "takes a number": [f"--config={ROOT}/configs/stage3.py:tiny", "--config.batch_size=many"]}
     for expected, args in cases.items():
         proc = subprocess.run(stage + args, capture_output=True, text=True, timeout=300, env={**os.environ,
-                                                                                             "XLA_FLAGS": ""})
+                                                                                             "XLA_FLAGS": cpu_devices(1)})
         assert proc.returncode == 2 and expected in one_error_line(proc.stderr), (args, proc.stderr[-2000:])
     assert not (tmp_path / "w").exists()  # nothing was started
     proc = subprocess.run(stage[:2] + ["--help"], capture_output=True, text=True, timeout=300)
@@ -377,7 +378,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_a_relaunch_recovers(tmp_p
     limit = 200_000  # the config and metrics fit; the export's params do not
     cmd = [sys.executable, os.path.join(ROOT, "launch", "stage1.py"), f"--config={ROOT}/configs/stage1.py:tiny",
            f"--workdir={tmp_path}", "--noprogress", *SHORT]
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": ""}
+    env = {**os.environ, "XLA_FLAGS": cpu_devices(1), "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": ""}
     full = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     # The last line is ours, whole: TensorStore's late "Event loop is closed" reports (which used to print from

@@ -3,6 +3,8 @@ import os
 
 import pytest
 
+from tests.xla_flags import cpu_devices
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = ("quickstart", "data_pipeline", "profile_cycle_step")
 
@@ -12,7 +14,7 @@ NOTEBOOKS = ("quickstart", "data_pipeline", "profile_cycle_step")
 def test_notebook_executes(name, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
-    monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device in the kernel, as a reader's machine has
+    monkeypatch.setenv("XLA_FLAGS", cpu_devices(1))  # one CPU device in the kernel, as a reader's machine has
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     nb = nbformat.read(os.path.join(REPO, "notebooks", f"{name}.ipynb"), as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3",

@@ -16,6 +16,7 @@ from exo2ego_jax.losses import feature_kl
 from exo2ego_jax.models.params import flatten
 from exo2ego_jax.study import runs as study
 from tests.helpers import ROOT, stage_config
+from tests.xla_flags import cpu_devices
 
 
 def train_tiny(stage_file, workdir, **overrides):
@@ -154,7 +155,7 @@ def test_ablation_quick_end_to_end(tmp_path):
     variants = ("full", "baseline")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "ablate.py"), "--workdir", str(tmp_path),
                            "--quick", "--variants", ",".join(variants), "--parallel", "1"],
-                          capture_output=True, text=True, timeout=1500, env={**os.environ, "XLA_FLAGS": ""})
+                          capture_output=True, text=True, timeout=1500, env={**os.environ, "XLA_FLAGS": cpu_devices(1)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     r = json.loads((tmp_path / "results.json").read_text())
     assert set(r["variants"]) == set(variants) and r["n_items"] == 3

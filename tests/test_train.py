@@ -12,6 +12,7 @@ import jax
 
 import exo2ego_jax
 from tests.helpers import ROOT, flat, read_metrics, stage_config
+from tests.xla_flags import cpu_devices
 
 
 @pytest.mark.slow
@@ -136,7 +137,7 @@ def launch(stage, workdir, *flags, env=None, **popen):
     cmd = [sys.executable, os.path.join(ROOT, "launch", f"{stage}.py"), f"--config={ROOT}/configs/{stage}.py:tiny",
            f"--workdir={workdir}", "--noprogress", *flags]
     # one CPU device unless the test asks for more (the test process itself runs with 8 fake devices)
-    base_env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    base_env = {**os.environ, "XLA_FLAGS": cpu_devices(1), "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**base_env, **(env or {})}, **popen)
 
@@ -153,11 +154,11 @@ def free_port():
 def test_two_process_distributed_equals_one_process(tmp_path):
     flags = ("--config.num_train_steps=3", "--config.batch_size=8", "--config.data.num_examples=8",
              "--config.checkpoint_every=100", "--config.optim.learning_rate=1e-4")
-    one = launch("stage3", tmp_path / "one", *flags, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    one = launch("stage3", tmp_path / "one", *flags, env={"XLA_FLAGS": cpu_devices(8)})
     port = free_port()
     procs = [launch("stage3", tmp_path / "two", *flags, f"--coordinator_address=localhost:{port}",
                     "--num_processes=2", f"--process_id={i}",
-                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"})
+                    env={"XLA_FLAGS": cpu_devices(4), "JAX_PLATFORMS": "cpu"})
              for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs

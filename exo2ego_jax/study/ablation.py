@@ -96,8 +96,7 @@ def run(o: Options) -> dict:
     work = os.path.abspath(o.workdir)
     data = runs.prepare_data(os.path.join(work, "data"), "tests" if o.quick else "demo")
     runs_dir = os.path.join(work, "runs")
-    # One compilation cache for every stage run: the variants share their programs' shapes.
-    env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(work, "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = runs.compile_cache_env(work)
     common = {"data.root": data["records"], "data.tokenizer": data["tokenizer"], "mesh.num_devices": 1,
               "mesh.shape": "(1,1,1)", "log_every": 10, **o.overrides}
     the_setup = setup(o.overrides)

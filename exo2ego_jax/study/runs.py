@@ -143,6 +143,13 @@ def prepare_data(data_dir: str, preset: str) -> dict:
     return {"raw": raw, "records": os.path.join(data_dir, "records"), "tokenizer": tokenizer}
 
 
+def compile_cache_env(work: str) -> dict:
+    """One persistent compilation cache for every process of a study (the variants share their programs'
+    shapes): the caller's JAX_COMPILATION_CACHE_DIR when set, else WORK/jax_cache."""
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(work, "jax_cache")
+    return {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
 def run_jobs(jobs: dict[str, Job], runs_dir: str, *, parallel: int, echo: bool, env: dict) -> dict[str, float]:
     """Run the jobs as subprocesses, each after the job it starts from, `parallel` at a time. A job whose
     export exists is done (a rerun of the study resumes). Returns seconds per job run now."""
